@@ -1,1 +1,44 @@
+"""Data package: loaders, synthetic logs, the seeded per-user split, dataset download and BPR sampling."""
 
+from ciess_prod.data.dataset import RecDataset, SplitConfig, build_dataset, load_mapping
+from ciess_prod.data.errors import DataError, FetchError
+from ciess_prod.data.fetch import DATASETS, RemoteDataset, fetch_dataset, verify_and_unpack
+from ciess_prod.data.interactions import FOLD_TEST, FOLD_TRAIN, FOLD_VAL, InteractionLog
+from ciess_prod.data.loaders import (
+    FORMATS,
+    detect_format,
+    load_interactions,
+    load_lightgcn,
+    load_movielens_1m,
+    load_movielens_100k,
+    load_table,
+)
+from ciess_prod.data.sampler import BPRSampler
+from ciess_prod.data.synthetic import SyntheticConfig, generate_interactions
+
+__all__ = [
+    "DATASETS",
+    "FOLD_TEST",
+    "FOLD_TRAIN",
+    "FOLD_VAL",
+    "FORMATS",
+    "BPRSampler",
+    "DataError",
+    "FetchError",
+    "InteractionLog",
+    "RecDataset",
+    "RemoteDataset",
+    "SplitConfig",
+    "SyntheticConfig",
+    "build_dataset",
+    "detect_format",
+    "fetch_dataset",
+    "generate_interactions",
+    "load_interactions",
+    "load_lightgcn",
+    "load_mapping",
+    "load_movielens_100k",
+    "load_movielens_1m",
+    "load_table",
+    "verify_and_unpack",
+]

@@ -1,0 +1,83 @@
+"""The ``ciess`` command line: one entry point, one subcommand per pipeline stage."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import sys
+from pathlib import Path
+
+from ciess_prod.config import ConfigError, load_yaml
+
+
+def _cmd_data_fetch(args: argparse.Namespace) -> int:
+    from ciess_prod.data import fetch_dataset
+
+    path = fetch_dataset(args.name, Path(args.dest), timeout=args.timeout)
+    print(f"{args.name}: ready at {path}")
+    return 0
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from ciess_prod.experiment import ExperimentConfig, run_experiment
+
+    config = load_yaml(ExperimentConfig, args.config)
+    if args.output_dir:
+        config = dataclasses.replace(config, output_dir=args.output_dir)
+    metrics = run_experiment(config, base_dir=Path(args.config).resolve().parent.parent)
+    summary = {k: metrics[k] for k in ("dataset", "model", "protocol", "method", "achieved_sparsity", "best_batches")}
+    print(json.dumps({**summary, "val": metrics["val"], "test": metrics["test"]}, indent=2))
+    print(f"checkpoint: {Path(config.output_dir) / 'checkpoint'}")
+    print(f"metrics:    {Path(config.output_dir) / 'metrics.json'}")
+    return 0
+
+
+def _cmd_evaluate(args: argparse.Namespace) -> int:
+    from ciess_prod.experiment import evaluate_checkpoint
+
+    metrics = evaluate_checkpoint(Path(args.checkpoint), args.split)
+    print(json.dumps({"split": args.split, **metrics}, indent=2))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="ciess", description=__doc__)
+    parser.add_argument("-v", "--verbose", action="store_true", help="log progress at INFO level")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    data = sub.add_parser("data", help="datasets").add_subparsers(dest="data_command", required=True)
+    fetch = data.add_parser("fetch", help="download a public dataset and verify its sha256")
+    fetch.add_argument("name", choices=["ml-1m", "ml-100k"])
+    fetch.add_argument("--dest", required=True, help="directory to unpack into")
+    fetch.add_argument("--timeout", type=float, default=30.0, help="network timeout in seconds")
+    fetch.set_defaults(func=_cmd_data_fetch)
+
+    train = sub.add_parser("train", help="train a base recommender from a YAML config")
+    train.add_argument("--config", required=True)
+    train.add_argument("--output-dir", help="overrides output_dir of the config")
+    train.set_defaults(func=_cmd_train)
+
+    evaluate = sub.add_parser("evaluate", help="score a checkpoint on the validation or test split")
+    evaluate.add_argument("--checkpoint", required=True)
+    evaluate.add_argument("--split", choices=["val", "test"], default="test")
+    evaluate.set_defaults(func=_cmd_evaluate)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
+    from ciess_prod.data import DataError
+    from ciess_prod.train.checkpoint import CheckpointError
+
+    try:
+        return args.func(args)
+    except (ConfigError, DataError, CheckpointError) as exc:
+        print(f"ciess: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,152 @@
+"""Full-ranking Recall@k / NDCG@k, computed in user chunks so no |U| x |I| score matrix ever exists.
+
+Ranking rule (deterministic, so results are reproducible and testable): items are ordered by descending score;
+equal scores are ordered by ascending item index. Excluded items (training items, and validation items when
+testing) are never ranked. A user with no target items scores 0 on every metric.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import scipy.sparse as sp
+import torch
+
+ScoreFn = Callable[[torch.Tensor], torch.Tensor]
+"""Maps a chunk of user indices [B] (int64) to scores over all items [B, n_items] (float)."""
+
+QUALITY_KS = (5, 10, 20)
+"""The cut-offs averaged by the CIESS quality signal eval(user)."""
+
+
+@dataclass(frozen=True)
+class RankingResult:
+    """Per-user metrics: ``recall[k]`` and ``ndcg[k]`` are float64 tensors of shape [n_users]."""
+
+    ks: tuple[int, ...]
+    recall: dict[int, torch.Tensor]
+    ndcg: dict[int, torch.Tensor]
+    has_target: torch.Tensor  # bool [n_users]: the user has at least one target item
+
+    def mean(self) -> dict[str, float]:
+        """Means over ALL users (users without targets count as 0), keyed like ``recall@20``."""
+        out: dict[str, float] = {}
+        for k in self.ks:
+            out[f"recall@{k}"] = float(self.recall[k].mean())
+            out[f"ndcg@{k}"] = float(self.ndcg[k].mean())
+        return out
+
+    def mean_over_evaluable(self) -> dict[str, float]:
+        """Means over users that have at least one target item (the usual reporting convention)."""
+        mask = self.has_target
+        denom = max(int(mask.sum()), 1)
+        out: dict[str, float] = {}
+        for k in self.ks:
+            out[f"recall@{k}"] = float(self.recall[k][mask].sum() / denom)
+            out[f"ndcg@{k}"] = float(self.ndcg[k][mask].sum() / denom)
+        return out
+
+
+def _rows_to_dense(matrix: sp.csr_matrix, rows: np.ndarray) -> torch.Tensor:
+    """Densifies a chunk of CSR rows as a bool tensor [len(rows), n_cols]."""
+    chunk = matrix[rows]
+    dense = torch.zeros(chunk.shape, dtype=torch.bool)
+    row_of = np.repeat(np.arange(chunk.shape[0]), np.diff(chunk.indptr))
+    dense[torch.from_numpy(row_of), torch.from_numpy(chunk.indices.astype(np.int64))] = True
+    return dense
+
+
+def top_k_items(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """Indices [B, k] of the k best items per row, ties broken by ascending item index.
+
+    ``torch.topk`` picks arbitrary members of a tie at the cut-off; this keeps its speed and makes the choice
+    deterministic: everything strictly above the k-th value is in, and the tied items fill the remaining slots
+    lowest index first.
+    """
+    k = min(k, scores.shape[1])
+    kth = torch.topk(scores, k, dim=1, sorted=True).values[:, -1:]
+    above = scores > kth
+    tied = scores == kth
+    slots = k - above.sum(dim=1, keepdim=True)
+    chosen = above | (tied & (tied.cumsum(dim=1) <= slots))
+    items = chosen.nonzero()[:, 1].view(-1, k)  # row-major, so ascending item index within a row
+    order = torch.sort(scores.gather(1, items), dim=1, descending=True, stable=True).indices
+    return items.gather(1, order)
+
+
+def rank_users(
+    score_fn: ScoreFn,
+    targets: sp.csr_matrix,
+    exclude: Sequence[sp.csr_matrix],
+    ks: Sequence[int] = (5, 10, 20),
+    users: np.ndarray | None = None,
+    chunk_size: int = 1024,
+) -> RankingResult:
+    """Ranks all items for each user and scores the top-k against ``targets``.
+
+    ``exclude`` holds interaction matrices whose items are removed from the ranking (training items for
+    validation; training and validation items for test). Only ``users`` (default: all) are scored; the others
+    get 0. Memory is O(chunk_size x n_items).
+    """
+    ks = tuple(sorted({int(k) for k in ks}))
+    if not ks or ks[0] < 1:
+        raise ValueError(f"ranking cut-offs must be positive integers, got {ks}")
+    n_users, n_items = targets.shape
+    for m in exclude:
+        if m.shape != targets.shape:
+            raise ValueError(f"exclusion matrix shape {m.shape} does not match targets {targets.shape}")
+    users = np.arange(n_users) if users is None else np.asarray(users, dtype=np.int64)
+    k_max = max(ks)
+    discounts = 1.0 / torch.log2(torch.arange(2, k_max + 2, dtype=torch.float64))
+    ideal = torch.cat([torch.zeros(1, dtype=torch.float64), discounts.cumsum(0)])  # ideal[n] = IDCG of n hits
+
+    recall = {k: torch.zeros(n_users, dtype=torch.float64) for k in ks}
+    ndcg = {k: torch.zeros(n_users, dtype=torch.float64) for k in ks}
+    n_targets = torch.from_numpy(np.diff(targets.indptr).astype(np.int64))
+
+    for start in range(0, len(users), chunk_size):
+        rows = users[start : start + chunk_size]
+        rows_t = torch.from_numpy(rows)
+        with torch.no_grad():
+            scores = score_fn(rows_t).detach().to(torch.float64)
+        if scores.shape != (len(rows), n_items):
+            raise ValueError(f"score_fn returned shape {tuple(scores.shape)}, expected {(len(rows), n_items)}")
+        scores = scores.clone()
+        for m in exclude:
+            scores[_rows_to_dense(m, rows)] = -torch.inf
+        top = top_k_items(scores, k_max)
+        hits = _rows_to_dense(targets, rows).gather(1, top).to(torch.float64)  # [B, k_max]
+        count = n_targets[rows_t].to(torch.float64)
+        safe = count.clamp(min=1.0)
+        dcg = (hits * discounts[: top.shape[1]]).cumsum(1)
+        found = hits.cumsum(1)
+        for k in ks:
+            kk = min(k, top.shape[1])
+            recall[k][rows_t] = found[:, kk - 1] / safe
+            ndcg[k][rows_t] = dcg[:, kk - 1] / ideal[torch.clamp(count, max=kk).long()].clamp(min=1e-12)
+    has_target = n_targets > 0
+    for k in ks:
+        recall[k][~has_target] = 0.0
+        ndcg[k][~has_target] = 0.0
+    return RankingResult(ks=ks, recall=recall, ndcg=ndcg, has_target=has_target)
+
+
+def user_quality(result: RankingResult) -> torch.Tensor:
+    """CIESS eval(user): mean over k in {5, 10, 20} of (Recall@k + NDCG@k) / 2, shape [n_users]."""
+    missing = [k for k in QUALITY_KS if k not in result.ks]
+    if missing:
+        raise ValueError(f"user quality needs cut-offs {QUALITY_KS}; the ranking lacks {missing}")
+    return torch.stack([(result.recall[k] + result.ndcg[k]) / 2 for k in QUALITY_KS]).mean(0)
+
+
+def item_quality(user_q: torch.Tensor, train: sp.csr_matrix) -> torch.Tensor:
+    """CIESS eval(item): mean eval(u) over the item's training users (0 for items with none), shape [n_items]."""
+    coo = train.tocoo()
+    users = torch.from_numpy(coo.row.astype(np.int64))
+    items = torch.from_numpy(coo.col.astype(np.int64))
+    n_items = train.shape[1]
+    total = torch.zeros(n_items, dtype=user_q.dtype).index_add_(0, items, user_q[users])
+    count = torch.zeros(n_items, dtype=user_q.dtype).index_add_(0, items, torch.ones_like(users, dtype=user_q.dtype))
+    return total / count.clamp(min=1)

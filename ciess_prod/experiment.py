@@ -1,0 +1,185 @@
+"""One training experiment end to end: data -> model at given sizes -> training protocol -> checkpoint + metrics.
+
+This is what ``ciess train`` / ``ciess evaluate`` and the benchmarks run; the pieces it wires (data, models,
+trainer, metrics) know nothing of each other beyond their public APIs.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+
+from ciess_prod import __version__
+from ciess_prod.config import ConfigError, from_dict, to_dict
+from ciess_prod.data import (
+    RecDataset,
+    SplitConfig,
+    SyntheticConfig,
+    build_dataset,
+    generate_interactions,
+    load_interactions,
+)
+from ciess_prod.io import write_json_atomic
+from ciess_prod.models import ModelConfig, Recommender, build_model, model_memory, uniform_sizes
+from ciess_prod.train.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from ciess_prod.train.trainer import TrainConfig, evaluate, fit
+
+log = logging.getLogger(__name__)
+
+REPORT_KS = (5, 10, 20)
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    source: Literal["synthetic", "auto", "ml-1m", "ml-100k", "lightgcn", "csv", "parquet"] = "synthetic"
+    path: str | None = None  # file or directory of a real dataset (every source but "synthetic")
+    user_col: str = "user_id"  # column names for csv/parquet logs
+    item_col: str = "item_id"
+    rating_col: str | None = None
+    min_rating: float | None = None  # keep only interactions rated at least this (csv/parquet)
+    split: SplitConfig = field(default_factory=SplitConfig)
+    synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
+
+    def __post_init__(self) -> None:
+        if self.source != "synthetic" and not self.path:
+            raise ValueError(f"data.path is required for source {self.source!r}")
+
+
+@dataclass(frozen=True)
+class SizeConfig:
+    method: Literal["full", "es"] = "full"  # full: every row at d_max; es: every row at floor((1-c) d_max)
+    sparsity: float = 0.0  # target sparsity c for "es"
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.sparsity < 1.0:
+            raise ValueError(f"sizes.sparsity must lie in [0, 1), got {self.sparsity}")
+        if self.method == "full" and self.sparsity != 0.0:
+            raise ValueError("sizes.sparsity must be 0 for method 'full'")
+
+
+@dataclass(frozen=True)
+class ExperimentConfig:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    sizes: SizeConfig = field(default_factory=SizeConfig)
+    # train_only: early-stop on validation, test that model; final: then retrain on train+validation for the
+    # chosen length and test with train+validation items excluded (the CIESS authors' reported protocol)
+    protocol: Literal["train_only", "final"] = "train_only"
+    output_dir: str = "runs/default"  # checkpoint/ and metrics.json go here
+
+
+def resolve_data_path(path: str, base_dir: Path | None) -> Path:
+    """Relative paths resolve against the working directory first, then against ``base_dir``."""
+    candidate = Path(path)
+    if candidate.is_absolute() or candidate.exists() or base_dir is None:
+        return candidate
+    return base_dir / candidate
+
+
+def load_dataset(config: DataConfig, base_dir: Path | None = None) -> RecDataset:
+    """Reads (or generates) the interactions and splits them."""
+    if config.source == "synthetic":
+        interactions = generate_interactions(config.synthetic)
+        s = config.synthetic
+        name = f"synthetic-{s.n_users}x{s.n_items}-s{s.seed}"
+    else:
+        path = resolve_data_path(config.path, base_dir)
+        kwargs: dict[str, Any] = {}
+        if config.source in ("csv", "parquet"):
+            kwargs = dict(user_col=config.user_col, item_col=config.item_col, rating_col=config.rating_col,
+                          min_rating=config.min_rating)
+        interactions = load_interactions(path, format=config.source, **kwargs)
+        name = path.name
+    return build_dataset(interactions, config.split, name=name)
+
+
+def sized_model(config: ExperimentConfig, dataset: RecDataset) -> Recommender:
+    """A fresh model over ``dataset.train`` with the configured per-row sizes."""
+    model = build_model(config.model, dataset.n_users, dataset.n_items, dataset.train)
+    if config.sizes.method == "es":
+        for side, n in (("user", dataset.n_users), ("item", dataset.n_items)):
+            model.set_row_sizes(side, uniform_sizes(n, config.model.d_max, config.sizes.sparsity))
+    return model
+
+
+def _metrics(model: Recommender, dataset: RecDataset, split: Literal["val", "test"], chunk: int) -> dict[str, float]:
+    return evaluate(model, dataset, split, ks=REPORT_KS, chunk_size=chunk).mean()
+
+
+def run_experiment(config: ExperimentConfig, base_dir: Path | None = None) -> dict[str, Any]:
+    """Trains under ``config.protocol``, writes ``checkpoint/`` and ``metrics.json``, returns the metrics."""
+    torch.manual_seed(config.train.seed)
+    start = time.perf_counter()
+    dataset = load_dataset(config.data, base_dir)
+    log.info("dataset %s: %s", dataset.name, dataset.summary())
+
+    model = sized_model(config, dataset)
+    result = fit(model, dataset, config.train)
+    val = result.best_val or _metrics(model, dataset, "val", config.train.eval_chunk)
+    test_dataset = dataset
+    if config.protocol == "final":
+        test_dataset = dataset.with_validation_merged()
+        torch.manual_seed(config.train.seed)
+        model = sized_model(config, test_dataset)
+        fit(model, test_dataset, config.train, n_batches=result.best_batches)
+    # With validation merged into train, "test" excludes train+validation items: the final protocol's ranking.
+    test = _metrics(model, test_dataset, "test", config.train.eval_chunk)
+    memory = model_memory(model)
+    metrics = {
+        "dataset": dataset.name,
+        "dataset_fingerprint": dataset.fingerprint,
+        "model": config.model.kind,
+        "protocol": config.protocol,
+        "method": config.sizes.method,
+        "target_sparsity": config.sizes.sparsity,
+        "achieved_sparsity": memory.sparsity,
+        "embedding_bytes": memory.bytes,
+        "dense_embedding_bytes": memory.dense_bytes,
+        "best_batches": result.best_batches,
+        "batches_trained": result.batches,
+        "val": val,
+        "test": test,
+        "history": result.history,
+        "wall_seconds": time.perf_counter() - start,
+        "seed": config.train.seed,
+        "version": __version__,
+    }
+    out = Path(config.output_dir)
+    summary = {k: v for k, v in metrics.items() if k != "history"}
+    save_checkpoint(out / "checkpoint", model, {"config": to_dict(config), "metrics": summary})
+    write_json_atomic(out / "metrics.json", metrics)
+    return metrics
+
+
+def evaluate_checkpoint(
+    path: Path, split: Literal["val", "test"], base_dir: Path | None = None
+) -> dict[str, float]:
+    """Rebuilds the checkpoint's dataset (checking its fingerprint) and model, and scores ``split``."""
+    checkpoint = load_checkpoint(path)
+    try:
+        config = from_dict(ExperimentConfig, checkpoint.meta["config"], where=f"{path}/checkpoint.json config")
+        expected = checkpoint.meta["metrics"]["dataset_fingerprint"]
+    except (KeyError, ConfigError) as exc:
+        raise CheckpointError(f"{path}: checkpoint metadata unusable: {exc}") from exc
+    dataset = load_dataset(config.data, base_dir)
+    if dataset.fingerprint != expected:
+        raise CheckpointError(
+            f"{path}: dataset fingerprint {dataset.fingerprint[:12]} differs from the checkpoint's {expected[:12]}: "
+            "the data or split changed since training"
+        )
+    if config.protocol == "final":
+        if split == "val":
+            raise CheckpointError(f"{path}: trained on train+validation (final protocol); only 'test' is meaningful")
+        dataset = dataset.with_validation_merged()
+    model = build_model(config.model, dataset.n_users, dataset.n_items, dataset.train)
+    try:
+        model.load_state_dict(checkpoint.state)
+    except RuntimeError as exc:
+        raise CheckpointError(f"{path}: tensors do not fit the configured model: {exc}") from exc
+    return _metrics(model, dataset, split, config.train.eval_chunk)

@@ -1,0 +1,33 @@
+"""NGCF (Wang et al., SIGIR 2019): layers of LeakyReLU((L+I)E W1 + (L E) * E W2), message dropout in training,
+L2-normalised layer outputs concatenated with the ego embeddings, dot-product score."""
+
+from __future__ import annotations
+
+import scipy.sparse as sp
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from ciess_prod.models.base import ModelConfig
+from ciess_prod.models.graph import GraphRecommender, propagate
+
+
+class NGCF(GraphRecommender):
+    def __init__(self, n_users: int, n_items: int, config: ModelConfig, train: sp.csr_matrix) -> None:
+        super().__init__(n_users, n_items, config, train)
+        d = config.d_max
+        self.w_sum = nn.ModuleList(nn.Linear(d, d) for _ in range(config.n_layers))
+        self.w_product = nn.ModuleList(nn.Linear(d, d) for _ in range(config.n_layers))
+        for layer in [*self.w_sum, *self.w_product]:
+            nn.init.xavier_uniform_(layer.weight)
+            nn.init.zeros_(layer.bias)
+
+    def final_embeddings(self) -> torch.Tensor:
+        layer = self.ego()
+        outputs = [layer]
+        for w_sum, w_product in zip(self.w_sum, self.w_product, strict=True):
+            side = propagate(self.adjacency, layer)
+            layer = F.leaky_relu(w_sum(side + layer) + w_product(side * layer), negative_slope=0.2)
+            layer = F.dropout(layer, p=self.config.dropout, training=self.training)
+            outputs.append(F.normalize(layer, dim=1))
+        return torch.cat(outputs, dim=1)

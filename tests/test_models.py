@@ -1,0 +1,135 @@
+"""Per-row embedding sizes: trailing columns never affect outputs and never change during training."""
+
+import numpy as np
+import pytest
+import scipy.sparse as sp
+import torch
+from torchrec import KeyedJaggedTensor
+
+from ciess_prod.models import SIDES, ModelConfig, build_model, model_memory, sparsity, uniform_sizes
+from ciess_prod.models.sizes import masked_table
+
+N_USERS, N_ITEMS, D = 30, 40, 16
+KINDS = ["mf", "neumf", "ngcf", "lightgcn"]
+
+
+def _train_matrix(seed: int = 0) -> sp.csr_matrix:
+    rng = np.random.default_rng(seed)
+    dense = rng.random((N_USERS, N_ITEMS)) < 0.2
+    dense[np.arange(N_USERS), rng.integers(0, N_ITEMS, N_USERS)] = True
+    return sp.csr_matrix(dense.astype(np.float32))
+
+
+def _batch(seed: int, size: int = 64) -> KeyedJaggedTensor:
+    g = torch.Generator().manual_seed(seed)
+    u = torch.randint(0, N_USERS, (size,), generator=g)
+    p = torch.randint(0, N_ITEMS, (size,), generator=g)
+    n = torch.randint(0, N_ITEMS, (size,), generator=g)
+    values = torch.cat([u, p, n])
+    return KeyedJaggedTensor.from_lengths_sync(
+        keys=["user", "pos_item", "neg_item"], values=values, lengths=torch.ones(3 * size, dtype=torch.int32)
+    )
+
+
+def _model(kind: str):
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(kind=kind, d_max=D, mlp_layers=(32, 16)), N_USERS, N_ITEMS, _train_matrix())
+    g = torch.Generator().manual_seed(1)
+    for side in SIDES:
+        model.set_row_sizes(side, torch.randint(1, D + 1, (model.n_rows[side],), generator=g))
+    return model
+
+
+def _trailing(model, name: str) -> torch.Tensor:
+    """A bool mask of the trailing (unused) entries of table ``name`` (test-only, small tables)."""
+    sizes = model.row_sizes(model.tables[name])
+    return torch.arange(D).unsqueeze(0) >= sizes.unsqueeze(1).long()
+
+
+def _outputs(model, batch):
+    model.eval()
+    with torch.no_grad():
+        out = model(batch)
+        scores = model.score_users(torch.arange(N_USERS))
+    return out.pos_scores, out.neg_scores, out.l2, scores
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_trailing_columns_never_affect_outputs(kind):
+    model = _model(kind)
+    batch = _batch(0)
+    before = _outputs(model, batch)
+    with torch.no_grad():
+        for name in model.tables:
+            weight = model.table_weight(name)
+            weight[_trailing(model, name)] = torch.randn(int(_trailing(model, name).sum())) * 100
+    model.invalidate_cache()
+    after = _outputs(model, batch)
+    for a, b in zip(before, after, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_trailing_columns_never_change_in_training(kind):
+    model = _model(kind)
+    snapshot = {name: model.table_weight(name).detach().clone() for name in model.tables}
+    optimizer = torch.optim.Adam(model.parameters(), lr=0.05)
+    model.train()
+    for step in range(5):
+        out = model(_batch(step))
+        loss = torch.nn.functional.softplus(out.neg_scores - out.pos_scores).mean() + 1e-2 * out.l2
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    for name in model.tables:
+        trailing = _trailing(model, name)
+        weight = model.table_weight(name).detach()
+        assert torch.equal(weight[trailing], snapshot[name][trailing]), f"{kind}/{name}: trailing columns moved"
+        assert not torch.equal(weight[~trailing], snapshot[name][~trailing]), f"{kind}/{name}: did not train"
+
+
+def test_changing_sizes_keeps_the_model():
+    model = _model("lightgcn")
+    params = [id(p) for p in model.parameters()]
+    weight = model.table_weight("user").detach().clone()
+    model.set_row_sizes("user", torch.full((N_USERS,), 3))
+    assert [id(p) for p in model.parameters()] == params
+    assert torch.equal(model.table_weight("user").detach(), weight)  # sizes mask, they never overwrite
+    assert model.row_sizes("user").dtype == torch.int32
+
+
+def test_masked_table_matches_dense_mask_and_its_gradient():
+    weight = torch.randn(50, D, requires_grad=True)
+    sizes = torch.randint(1, D + 1, (50,))
+    mask = (torch.arange(D).unsqueeze(0) < sizes.unsqueeze(1)).float()
+    out = masked_table(weight, sizes)
+    torch.testing.assert_close(out, weight.detach() * mask, rtol=0, atol=0)
+    out.pow(2).sum().backward()
+    torch.testing.assert_close(weight.grad, 2 * weight.detach() * mask)
+
+
+@pytest.mark.parametrize(
+    "sizes, message",
+    [
+        (torch.zeros(N_USERS, dtype=torch.int64), r"\[1, 16\]"),
+        (torch.full((N_USERS,), D + 1), r"\[1, 16\]"),
+        (torch.ones(N_USERS + 1, dtype=torch.int64), "expected shape"),
+        (torch.ones(N_USERS), "integer"),
+    ],
+)
+def test_bad_sizes_are_rejected(sizes, message):
+    with pytest.raises(ValueError, match=message):
+        _model("mf").set_row_sizes("user", sizes)
+
+
+def test_memory_accounting_and_sparsity():
+    model = _model("neumf")
+    for side in SIDES:
+        model.set_row_sizes(side, uniform_sizes(model.n_rows[side], D, 0.75))
+    memory = model_memory(model)
+    # NeuMF: a GMF and an MLP table per side, each at d = floor(0.25 * 16) = 4.
+    assert memory.parameters == 2 * (N_USERS + N_ITEMS) * 4
+    assert memory.dense_bytes == 2 * (N_USERS + N_ITEMS) * D * 4
+    assert memory.sparsity == pytest.approx(0.75)
+    assert sparsity([torch.tensor([1, 3]), torch.tensor([4])], d_max=4) == pytest.approx(1 - 8 / 12)
+    assert int(uniform_sizes(5, 128, 0.95)[0]) == 6
