@@ -1,4 +1,10 @@
-"""Data package: loaders, synthetic logs, the seeded per-user split, dataset download and BPR sampling."""
+"""Data package: loaders, synthetic logs, the seeded per-user split, dataset download and BPR sampling.
+
+``BPRSampler`` is imported lazily: it pulls in torch and torchrec (seconds), which ``ciess data fetch`` and
+the loaders do not need.
+"""
+
+from typing import TYPE_CHECKING, Any
 
 from ciess_prod.data.dataset import RecDataset, SplitConfig, build_dataset, load_mapping
 from ciess_prod.data.errors import DataError, FetchError
@@ -13,8 +19,10 @@ from ciess_prod.data.loaders import (
     load_movielens_100k,
     load_table,
 )
-from ciess_prod.data.sampler import BPRSampler
 from ciess_prod.data.synthetic import SyntheticConfig, generate_interactions
+
+if TYPE_CHECKING:
+    from ciess_prod.data.sampler import BPRSampler
 
 __all__ = [
     "DATASETS",
@@ -42,3 +50,11 @@ __all__ = [
     "load_table",
     "verify_and_unpack",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    if name == "BPRSampler":
+        from ciess_prod.data.sampler import BPRSampler
+
+        return BPRSampler
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,8 +1,9 @@
 """Contiguous re-indexing and the seeded per-user train/val/test split of an interaction log.
 
-The split is the experimental protocol: CIESS searches embedding sizes against validation quality and reports test
-quality, so the split must be deterministic for a seed, disjoint, and identified by a fingerprint that goes into
-every checkpoint and result file. The whole build is vectorised (sorts and offsets, no per-user Python code).
+The split is the experimental protocol: CIESS searches embedding sizes against validation quality and reports
+test quality, so the split must be deterministic for a seed, disjoint, and identified by a fingerprint that
+goes into every checkpoint and result file. The whole build is vectorised (sorts and offsets, no per-user
+Python code).
 """
 
 from __future__ import annotations
@@ -54,7 +55,7 @@ def _empty_like(matrix: sp.csr_matrix) -> sp.csr_matrix:
 
 @dataclass(frozen=True, eq=False)
 class RecDataset:
-    """A split, contiguously indexed implicit-feedback dataset (``eq=False``: sparse matrices have no ``==``)."""
+    """A split, contiguously indexed implicit-feedback dataset (``eq=False``: sparse matrices lack ``==``)."""
 
     name: str
     n_users: int
@@ -133,10 +134,16 @@ class RecDataset:
             "users_with_val": int((np.diff(self.val.indptr) > 0).sum()),
             "users_with_test": int((np.diff(self.test.indptr) > 0).sum()),
             "items_without_train": int((item_deg == 0).sum()),
-            "train_user_degree": {"min": int(user_deg.min()), "max": int(user_deg.max()),
-                                  "mean": float(user_deg.mean())},
-            "train_item_degree": {"min": int(item_deg.min()), "max": int(item_deg.max()),
-                                  "mean": float(item_deg.mean())},
+            "train_user_degree": {
+                "min": int(user_deg.min()),
+                "max": int(user_deg.max()),
+                "mean": float(user_deg.mean()),
+            },
+            "train_item_degree": {
+                "min": int(item_deg.min()),
+                "max": int(item_deg.max()),
+                "mean": float(item_deg.mean()),
+            },
         }
 
 
@@ -200,7 +207,9 @@ def _csr(users: np.ndarray, items: np.ndarray, n_users: int, n_items: int) -> sp
     return matrix
 
 
-def _fingerprint(user_ids: np.ndarray, item_ids: np.ndarray, splits: list[sp.csr_matrix], split: SplitConfig) -> str:
+def _fingerprint(
+    user_ids: np.ndarray, item_ids: np.ndarray, splits: list[sp.csr_matrix], split: SplitConfig
+) -> str:
     digest = hashlib.sha256(_FINGERPRINT_VERSION)
     digest.update(json.dumps(asdict(split), sort_keys=True).encode())
     for arr in (user_ids, item_ids):
@@ -214,12 +223,12 @@ def _fingerprint(user_ids: np.ndarray, item_ids: np.ndarray, splits: list[sp.csr
 def build_dataset(log: InteractionLog, split: SplitConfig, name: str) -> RecDataset:
     """Re-index ``log`` contiguously, drop duplicate pairs (keep first), and split per user.
 
-    Without ``log.folds`` every user's interactions are split train/val/test by ``split``. With folds (LightGCN
-    files): the train fold is the train split; a val fold, if any, is the val split; and when there is no val
-    fold, each user's test-fold items are divided with the same seeded rule, half to val and half to test (all
-    to test if ``split.val == 0``). A user with no train-fold item instead gets the ordinary train/val/test
-    split of their items, so every user keeps a train item. Users and items are the union over all splits.
-    The split depends only on the set of interactions and ``split``, not on the log's row order.
+    Without ``log.folds`` every user's interactions are split train/val/test by ``split``. With folds
+    (LightGCN files): the train fold is the train split; a val fold, if any, is the val split; and when there
+    is no val fold, each user's test-fold items are divided with the same seeded rule, half to val and half
+    to test (all to test if ``split.val == 0``). A user with no train-fold item instead gets the ordinary
+    train/val/test split of their items, so every user keeps a train item. Users and items are the union
+    over all splits. The split depends only on the set of interactions and ``split``, not on row order.
     """
     if not isinstance(log, InteractionLog):
         raise DataError(f"build_dataset needs an InteractionLog, got {type(log).__name__}")
@@ -249,7 +258,10 @@ def build_dataset(log: InteractionLog, split: SplitConfig, name: str) -> RecData
         redo = (folds == FOLD_TEST) | ~has_train[users]
         codes[redo] = _assign_splits(users[redo], train_frac, val_frac, n_users, rng)
 
-    splits = [_csr(users[codes == c], items[codes == c], n_users, n_items) for c in (FOLD_TRAIN, FOLD_VAL, FOLD_TEST)]
+    splits = [
+        _csr(users[codes == c], items[codes == c], n_users, n_items)
+        for c in (FOLD_TRAIN, FOLD_VAL, FOLD_TEST)
+    ]
     return RecDataset(
         name=name,
         n_users=n_users,

@@ -1,8 +1,9 @@
 """``ciess data fetch``: download, verify and unpack the public benchmark archives.
 
-Downloads are the step most likely to go wrong (no network, a proxy page instead of the zip, a truncated file), so
-the archive is pinned by sha256, unpacked into a temporary directory and renamed into place only when complete, and
-every failure is one actionable line. The offline half, :func:`verify_and_unpack`, also serves hand-downloaded files.
+Downloads are the step most likely to go wrong (no network, a proxy page instead of the zip, a truncated
+file), so the archive is pinned by sha256, unpacked into a temporary directory and renamed into place only
+when complete, and every failure is one actionable line. The offline half, :func:`verify_and_unpack`, also
+serves hand-downloaded files.
 """
 
 from __future__ import annotations
@@ -22,7 +23,9 @@ from ciess_prod.data.errors import DataError, FetchError
 
 __all__ = ["DATASETS", "FetchError", "RemoteDataset", "fetch_dataset", "sha256_file", "verify_and_unpack"]
 
-MARKER = ".ciess-verified"  # written inside an unpacked dataset dir; holds the sha256 of the archive it came from
+MARKER = (
+    ".ciess-verified"  # written inside an unpacked dataset dir; holds the sha256 of the archive it came from
+)
 _BLOCK = 1 << 20
 
 
@@ -41,7 +44,7 @@ class RemoteDataset:
 
 
 # sha256 values from tensorflow/datasets tensorflow_datasets/url_checksums/movielens.txt (which also pins the
-# sizes); the same values are pinned independently by the Keras-RS MovieLens example and several other projects.
+# sizes); the same values are pinned independently by the Keras-RS MovieLens example and other projects.
 # They match the GroupLens md5s c4d9eecfca2ab87c1945afe126590906 (ml-1m) / 0e33842e24a9c977be4e0107933c0723.
 DATASETS: dict[str, RemoteDataset] = {
     "ml-1m": RemoteDataset(
@@ -69,7 +72,7 @@ def sha256_file(path: Path) -> str:
 
 
 def _safe_member(name: str, root: Path, archive: Path) -> Path:
-    """Target path of a zip member, refusing absolute paths and ``..`` (zip-slip) before anything is written."""
+    """Target path of a zip member; refuses absolute paths and ``..`` (zip-slip) before any write."""
     posix = PurePosixPath(name.replace("\\", "/"))
     if posix.is_absolute() or ".." in posix.parts or (posix.parts and ":" in posix.parts[0]):
         raise FetchError(f"{archive}: refusing zip entry {name!r} that escapes the destination directory")
@@ -87,8 +90,8 @@ def _is_verified(directory: Path, expected_sha256: str) -> bool:
 def verify_and_unpack(archive: str | Path, expected_sha256: str, dest_dir: str | Path) -> Path:
     """Check ``archive`` against ``expected_sha256`` and unpack it into ``dest_dir``; return ``dest_dir``.
 
-    The zip is extracted into a sibling temporary directory that is renamed to ``dest_dir`` only when complete,
-    so a failure never leaves a half-written dataset; an existing ``dest_dir`` is replaced.
+    The zip is extracted into a sibling temporary directory that is renamed to ``dest_dir`` only when
+    complete, so a failure never leaves a half-written dataset; an existing ``dest_dir`` is replaced.
     """
     archive, dest_dir = Path(archive), Path(dest_dir)
     if not archive.is_file():

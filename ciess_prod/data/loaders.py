@@ -1,9 +1,10 @@
 """Readers that turn benchmark files into an :class:`InteractionLog` of original ids.
 
-Each reader only parses and validates: it never re-indexes, de-duplicates or splits, so every source shares the one
-tested path in ``build_dataset``. Parsing goes through pandas' C engine (or numpy for the ragged LightGCN lines),
-never through per-line Python code, so ML-1M loads in about a second. Every problem a user can cause (missing file,
-renamed column, a line in the wrong format) becomes a one-line :class:`DataError` naming the file.
+Each reader only parses and validates: it never re-indexes, de-duplicates or splits, so every source shares
+the one tested path in ``build_dataset``. Parsing goes through pandas' C engine (or numpy for the ragged
+LightGCN lines), never through per-line Python code, so ML-1M loads in about a second. Every problem a user
+can cause (missing file, renamed column, a line in the wrong format) becomes a one-line :class:`DataError`
+naming the file.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ _MAX_DIGITS = 18  # int64 holds every 18-digit decimal
 _CHUNK_BYTES = 1 << 22  # LightGCN files are parsed 4 MiB at a time to bound memory
 
 
-# ----------------------------------------------------------------------------------------------------------- helpers
+# ---------------------------------------------------------------------------------------------------- helpers
 def _require_file(path: Path) -> Path:
     """Fail early, and by name, on a missing or empty file (pandas' own messages omit the path)."""
     if not path.exists():
@@ -44,10 +45,15 @@ def _require_file(path: Path) -> Path:
 def _example(values: pd.Series, bad: np.ndarray, first_line: int, what: str) -> str:
     """Describe the first offending value and where it is, so a user can find it in the file."""
     pos = int(np.flatnonzero(bad)[0])
-    return f"{values.iloc[pos]!r} at {what} {pos + first_line}"
+    value = values.iloc[pos]
+    if isinstance(value, np.generic):
+        value = value.item()  # show 1.5, not np.float64(1.5)
+    return f"{value!r} at {what} {pos + first_line}"
 
 
-def _as_int64(values: pd.Series, column: str, source: str, first_line: int = 1, what: str = "line") -> np.ndarray:
+def _as_int64(
+    values: pd.Series, column: str, source: str, first_line: int = 1, what: str = "line"
+) -> np.ndarray:
     """Convert an id column to int64, rejecting missing, fractional or non-numeric ids with an example."""
     if pd.api.types.is_bool_dtype(values.dtype):
         raise DataError(f"{source}: column {column!r} holds booleans, not integer ids")
@@ -59,6 +65,8 @@ def _as_int64(values: pd.Series, column: str, source: str, first_line: int = 1, 
             )
         return values.to_numpy(dtype=np.int64)
     numeric = values if pd.api.types.is_float_dtype(values.dtype) else pd.to_numeric(values, errors="coerce")
+    if pd.api.types.is_integer_dtype(numeric.dtype) and not numeric.isna().any():
+        return numeric.to_numpy(dtype=np.int64)  # integer strings: exact, even beyond 2**53
     as_float = numeric.to_numpy(dtype=np.float64, na_value=np.nan)
     bad = ~np.isfinite(as_float) | (as_float != np.round(as_float)) | (np.abs(as_float) >= 2.0**53)
     if bad.any():
@@ -124,7 +132,9 @@ def _sniff_first_line(handle: IO[bytes]) -> bytes:
     return b""
 
 
-def _with_handle(path: Path, zip_member: str | None, fn: Callable[[IO[bytes], str], InteractionLog]) -> InteractionLog:
+def _with_handle(
+    path: Path, zip_member: str | None, fn: Callable[[IO[bytes], str], InteractionLog]
+) -> InteractionLog:
     """Run ``fn(handle, source)`` on a plain file or on a member of a zip archive."""
     with ExitStack() as stack:
         if zip_member is not None:
@@ -134,7 +144,7 @@ def _with_handle(path: Path, zip_member: str | None, fn: Callable[[IO[bytes], st
         return fn(handle, source)
 
 
-# ------------------------------------------------------------------------------------------------------- MovieLens
+# -------------------------------------------------------------------------------------------------- MovieLens
 def _parse_ml1m_dat(handle: IO[bytes], source: str) -> InteractionLog:
     """``UserID::MovieID::Rating::Timestamp`` lines; parsed with sep=':' so the C engine can be used."""
     first = _sniff_first_line(handle)
@@ -146,7 +156,7 @@ def _parse_ml1m_dat(handle: IO[bytes], source: str) -> InteractionLog:
             f"first line is {first[:80].decode('utf-8', 'replace')!r})"
         )
     handle.seek(0)
-    # "a::b::c::d" split on ':' gives a,'',b,'',c,'',d: ids land in columns 0 and 2, separators leave 1,3,5 empty.
+    # "a::b::c::d" split on ':' gives a,'',b,'',c,'',d: ids in columns 0 and 2; 1, 3, 5 must stay empty.
     df = _read_csv(handle, source, sep=":", header=None, names=list(range(7)))
     malformed = df[[0, 2, 4]].isna().any(axis=1).to_numpy() | df[[1, 3, 5]].notna().any(axis=1).to_numpy()
     if malformed.any():
@@ -220,9 +230,9 @@ def load_movielens_100k(path: str | Path) -> InteractionLog:
     return _with_handle(path, None, _parse_ml100k_data)
 
 
-# -------------------------------------------------------------------------------------------------------- LightGCN
+# --------------------------------------------------------------------------------------------------- LightGCN
 def _parse_adjacency_block(block: bytes, source: str, first_line: int) -> tuple[np.ndarray, np.ndarray]:
-    """Parse whole ``user item item ...`` lines with numpy: token boundaries from a digit mask, values by reduceat."""
+    """Parse whole ``user item item ...`` lines with numpy: tokens from a digit mask, values by reduceat."""
     buf = np.frombuffer(block, dtype=np.uint8)
     is_digit = (buf >= ord("0")) & (buf <= ord("9"))
     is_space = (buf == ord(" ")) | (buf == ord("\t")) | (buf == ord("\n")) | (buf == ord("\r"))
@@ -233,7 +243,9 @@ def _parse_adjacency_block(block: bytes, source: str, first_line: int) -> tuple[
         line_end = block.find(b"\n", pos)
         text = block[line_start : line_end if line_end >= 0 else len(block)][:80].decode("utf-8", "replace")
         line = first_line + block.count(b"\n", 0, pos)
-        raise DataError(f"{source}: line {line} has a non-integer id (expected 'user item item ...'): {text!r}")
+        raise DataError(
+            f"{source}: line {line} has a non-integer id (expected 'user item item ...'): {text!r}"
+        )
     newline_before = np.cumsum(buf == ord("\n"), dtype=np.int64)
     prev_digit = np.concatenate(([False], is_digit[:-1]))
     next_digit = np.concatenate((is_digit[1:], [False]))
@@ -286,7 +298,7 @@ def _read_adjacency_file(path: Path) -> tuple[np.ndarray, np.ndarray]:
 
 
 def load_lightgcn(path: str | Path) -> InteractionLog:
-    """NGCF/LightGCN layout (Yelp2018, Gowalla, Amazon-book): ``train.txt`` and ``test.txt`` of adjacency lines.
+    """NGCF/LightGCN layout (Yelp2018, Gowalla, Amazon-book): ``train.txt`` + ``test.txt`` adjacency lines.
 
     Each line is ``user item item ...`` (a user may have no items). ``folds`` records the predefined split
     (0 for train.txt, 2 for test.txt) so ``build_dataset`` can keep the published test set.
@@ -312,7 +324,7 @@ def load_lightgcn(path: str | Path) -> InteractionLog:
     )
 
 
-# ----------------------------------------------------------------------------------------------- generic tables
+# --------------------------------------------------------------------------------------------- generic tables
 def _is_parquet(path: Path) -> bool:
     return path.name.lower().endswith(_PARQUET_SUFFIXES)
 
@@ -379,7 +391,7 @@ def load_table(
     return InteractionLog(users=users, items=items, source=source)
 
 
-# ------------------------------------------------------------------------------------------------------ dispatch
+# --------------------------------------------------------------------------------------------------- dispatch
 def detect_format(path: str | Path) -> str:
     """Guess the format from file and directory names (see ``load_interactions``)."""
     path = Path(path)
@@ -397,7 +409,9 @@ def detect_format(path: str | Path) -> str:
             return "ml-100k"
     else:
         parent = path.parent.name.lower()
-        if name in ("ratings.dat", "ml-1m.zip") or (name.startswith("ratings.csv") and parent in _ML1M_DIR_NAMES):
+        if name in ("ratings.dat", "ml-1m.zip") or (
+            name.startswith("ratings.csv") and parent in _ML1M_DIR_NAMES
+        ):
             return "ml-1m"
         if name in ("u.data", "ml-100k.zip") or (
             name.startswith("ratings.csv") and parent in _ML100K_DIR_NAMES

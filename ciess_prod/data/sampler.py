@@ -1,8 +1,8 @@
 """Seeded BPR triples (user, positive, negative) delivered as TorchRec KeyedJaggedTensors.
 
-BPR training needs millions of triples; drawing them with per-sample Python code would dominate the step time on
-CPU, so every draw here is a handful of vectorised numpy calls. The generator state is checkpointable so a resumed
-run sees exactly the batches an uninterrupted run would have seen.
+BPR training needs millions of triples; drawing them with per-sample Python code would dominate the step time
+on CPU, so every draw here is a handful of vectorised numpy calls. The generator state is checkpointable so a
+resumed run sees exactly the batches an uninterrupted run would have seen.
 """
 
 from __future__ import annotations
@@ -62,7 +62,7 @@ class BPRSampler:
         row_of = np.repeat(np.arange(self.n_users, dtype=np.int64), self._degree)
         self._interactions = np.flatnonzero(eligible[row_of]).astype(np.int64)
         self._row_of = row_of
-        # Per-row "gap" keys: u * n_items + (s_j - j) is non-decreasing, so one global searchsorted serves all rows.
+        # "Gap" keys u * n_items + (s_j - j) are non-decreasing, so one global searchsorted serves all rows.
         rank_in_row = np.arange(csr.nnz, dtype=np.int64) - self._indptr[row_of]
         self._gap_keys = row_of * self.n_items + (self._indices - rank_in_row)
         self._rng = np.random.default_rng(self.seed)
@@ -103,7 +103,7 @@ class BPRSampler:
     def __next__(self) -> KeyedJaggedTensor:
         return self.next_batch()
 
-    # ---------------------------------------------------------------------------------------------- checkpoint
+    # --------------------------------------------------------------------------------------------- checkpoint
     def _identity(self) -> dict[str, Any]:
         return {
             "mode": self.mode,

@@ -46,7 +46,9 @@ class SyntheticConfig:
             raise DataError(f"{where}: seed must be >= 0")
         cap = int(_MAX_USER_SHARE * self.n_items)
         if cap < _MIN_PER_USER:
-            raise DataError(f"{where}: n_items must be >= {2 * _MIN_PER_USER} (each user needs {_MIN_PER_USER})")
+            raise DataError(
+                f"{where}: n_items must be >= {2 * _MIN_PER_USER} (each user needs {_MIN_PER_USER})"
+            )
         if not _MIN_PER_USER <= self.interactions_per_user <= cap:
             raise DataError(
                 f"{where}: interactions_per_user must lie in [{_MIN_PER_USER}, {cap}] "
@@ -82,7 +84,7 @@ def _user_counts(config: SyntheticConfig, rng: np.random.Generator) -> np.ndarra
 
 
 def generate_interactions(config: SyntheticConfig) -> InteractionLog:
-    """Draw each user's items without replacement, P(item) ~ popularity * exp(affinity * <p_u, q_i> / sqrt(f)).
+    """Draw each user's items without replacement, P(i) ~ popularity_i * exp(affinity * <p_u, q_i> / sqrt(f)).
 
     Sampling without replacement from those weights is the Gumbel-top-k trick: add Gumbel noise to the log
     weights and keep each user's k largest. Users are processed in chunks so memory stays bounded.

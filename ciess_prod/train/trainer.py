@@ -116,7 +116,7 @@ def fit(
             val = evaluate(model, dataset, "val", chunk_size=config.eval_chunk).mean()
             history.append({"batch": done, "loss": loss.item(), **val})
             bar.set_postfix(loss=f"{loss.item():.4f}", r20=f"{val['recall@20']:.4f}")
-            log.info("batch %d loss %.4f val recall@20 %.4f ndcg@20 %.4f", done, loss.item(), val["recall@20"], val["ndcg@20"])
+            log.info("batch %d loss %.4f val %s", done, loss.item(), {k: round(v, 4) for k, v in val.items()})
             if val["recall@20"] > best_recall:
                 best_recall, best_batches, best_val, stale = val["recall@20"], done, val, 0
                 best_state = copy.deepcopy(model.state_dict())

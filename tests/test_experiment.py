@@ -1,0 +1,145 @@
+"""End to end on the embedded synthetic data: train, checkpoint, evaluate, CLI, and config validation."""
+
+import dataclasses
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from ciess_prod.cli import main
+from ciess_prod.config import ConfigError, from_dict, load_yaml
+from ciess_prod.data import SplitConfig, SyntheticConfig
+from ciess_prod.eval.metrics import rank_users
+from ciess_prod.experiment import (
+    DataConfig,
+    ExperimentConfig,
+    SizeConfig,
+    evaluate_checkpoint,
+    load_dataset,
+    run_experiment,
+)
+from ciess_prod.models import ModelConfig
+from ciess_prod.train.checkpoint import CheckpointError
+from ciess_prod.train.trainer import TrainConfig
+
+SMALL_DATA = DataConfig(
+    synthetic=SyntheticConfig(n_users=400, n_items=300, interactions_per_user=30, n_factors=8, affinity_scale=5.0)
+)
+FAST_TRAIN = TrainConfig(lr=0.01, batch_size=1024, max_batches=150, eval_every=50, patience=2, progress=False)
+
+
+def _config(tmp_path: Path, kind: str = "mf", **changes) -> ExperimentConfig:
+    config = ExperimentConfig(
+        data=SMALL_DATA,
+        model=ModelConfig(kind=kind, d_max=16, mlp_layers=(32, 16)),
+        train=FAST_TRAIN,
+        output_dir=str(tmp_path / "run"),
+    )
+    return dataclasses.replace(config, **changes)
+
+
+def test_trained_model_clearly_beats_popularity(tmp_path):
+    config = _config(tmp_path, kind="lightgcn")
+    metrics = run_experiment(config)
+    dataset = load_dataset(config.data)
+    popularity = torch.from_numpy(dataset.item_popularity().astype(np.float32))
+    pop = rank_users(lambda u: popularity.expand(len(u), -1), dataset.test, [dataset.train, dataset.val]).mean()
+    assert metrics["test"]["recall@20"] > 1.3 * pop["recall@20"], (metrics["test"], pop)
+    assert metrics["test"]["ndcg@20"] > 1.3 * pop["ndcg@20"]
+
+
+@pytest.mark.parametrize("kind", ["mf", "neumf", "ngcf", "lightgcn"])
+def test_every_model_trains_and_its_checkpoint_reloads(tmp_path, kind):
+    config = _config(tmp_path, kind=kind, sizes=SizeConfig("es", 0.75))
+    metrics = run_experiment(config)
+    assert metrics["achieved_sparsity"] == pytest.approx(0.75)
+    assert metrics["test"]["recall@20"] > 0
+    reloaded = evaluate_checkpoint(Path(config.output_dir) / "checkpoint", "test")
+    assert reloaded == pytest.approx(metrics["test"], abs=1e-9)
+
+
+def test_final_protocol_retrains_on_train_and_validation(tmp_path):
+    config = _config(tmp_path, protocol="final")
+    metrics = run_experiment(config)
+    assert metrics["protocol"] == "final" and metrics["best_batches"] >= FAST_TRAIN.eval_every
+    checkpoint = Path(config.output_dir) / "checkpoint"
+    assert evaluate_checkpoint(checkpoint, "test") == pytest.approx(metrics["test"], abs=1e-9)
+    with pytest.raises(CheckpointError, match="train\\+validation"):
+        evaluate_checkpoint(checkpoint, "val")
+
+
+def test_checkpoint_tampering_and_data_changes_are_refused(tmp_path):
+    config = _config(tmp_path)
+    run_experiment(config)
+    checkpoint = Path(config.output_dir) / "checkpoint"
+    manifest = json.loads((checkpoint / "checkpoint.json").read_text())
+    manifest["config"]["data"]["split"]["seed"] = 1
+    (checkpoint / "checkpoint.json").write_text(json.dumps(manifest))
+    with pytest.raises(CheckpointError, match="fingerprint"):
+        evaluate_checkpoint(checkpoint, "test")
+    with open(checkpoint / "model.safetensors", "r+b") as f:
+        f.seek(-8, 2)
+        f.write(b"\x00" * 8)
+    with pytest.raises(CheckpointError, match="sha256"):
+        evaluate_checkpoint(checkpoint, "test")
+
+
+def test_cli_train_then_evaluate(tmp_path, capsys):
+    config = _config(tmp_path)
+    path = tmp_path / "exp.yaml"
+    path.write_text(yaml.safe_dump(json.loads(json.dumps(dataclasses.asdict(config)))))
+    assert main(["train", "--config", str(path)]) == 0
+    assert main(["evaluate", "--checkpoint", str(tmp_path / "run" / "checkpoint"), "--split", "val"]) == 0
+    out = capsys.readouterr().out
+    assert '"split": "val"' in out and "recall@20" in out
+
+
+def test_cli_reports_bad_config_in_one_line(tmp_path, capsys):
+    path = tmp_path / "bad.yaml"
+    path.write_text("model: {kind: lightgcn, d_maxx: 64}\n")
+    assert main(["train", "--config", str(path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "d_maxx" in err and str(path) in err and "\n" not in err
+
+
+@pytest.mark.parametrize(
+    "data, message",
+    [
+        ({"model": {"kind": "transformer"}}, "model.kind"),
+        ({"train": {"lr": -1}}, "lr must be > 0"),
+        ({"train": {"batch_size": "big"}}, "train.batch_size: expected an integer"),
+        ({"sizes": {"method": "es", "sparsity": 1.5}}, "sparsity"),
+        ({"data": {"source": "ml-1m"}}, "data.path is required"),
+        ({"data": {"split": {"train": 0.9, "val": 0.3, "test": 0.3}}}, "data.split"),
+        ({"protocol": "whatever"}, "protocol"),
+    ],
+)
+def test_config_validation_names_the_problem(data, message):
+    with pytest.raises(ConfigError, match=message):
+        from_dict(ExperimentConfig, data)
+
+
+def test_committed_configs_load():
+    for path in sorted(Path(__file__).resolve().parent.parent.glob("configs/*.yaml")):
+        assert isinstance(load_yaml(ExperimentConfig, path), ExperimentConfig), path
+
+
+def test_cli_fetch_fails_cleanly_offline(tmp_path, capsys, monkeypatch):
+    import urllib.request
+
+    def refuse(*args, **kwargs):
+        raise OSError("network is unreachable")
+
+    monkeypatch.setattr(urllib.request, "urlopen", refuse)
+    assert main(["data", "fetch", "ml-100k", "--dest", str(tmp_path), "--timeout", "2"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "ml-100k" in err and "\n" not in err
+
+
+def test_split_config_is_honoured():
+    dataset = load_dataset(dataclasses.replace(SMALL_DATA, split=SplitConfig(0.6, 0.2, 0.2, seed=3)))
+    total = dataset.train.nnz + dataset.val.nnz + dataset.test.nnz
+    assert dataset.train.nnz / total == pytest.approx(0.6, abs=0.03)
