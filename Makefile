@@ -14,6 +14,7 @@ $(VENV)/.installed: pyproject.toml scripts/setup.sh
 demo: setup
 	$(CIESS) train --config configs/demo.yaml
 	$(CIESS) evaluate --checkpoint runs/demo/checkpoint --split test
+	$(CIESS) search --config configs/smoke.yaml
 
 lint: setup
 	$(VENV)/bin/ruff check .

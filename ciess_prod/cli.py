@@ -42,6 +42,23 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_search(args: argparse.Namespace) -> int:
+    from ciess_prod.search.search import SearchExperimentConfig, run_search
+
+    config = load_yaml(SearchExperimentConfig, args.config)
+    if args.output_dir:
+        config = dataclasses.replace(config, output_dir=args.output_dir)
+    summary = run_search(config, base_dir=Path(args.config).resolve().parent.parent, resume=args.resume)
+    for budget, plan in summary["plans"].items():
+        test = plan.get("test", {})
+        print(
+            f"c={budget}: plan {plan['path']} sparsity {plan['achieved_sparsity']:.4f}"
+            f"{' (repaired)' if plan['repaired'] else ''} test recall@20 {test.get('recall@20', float('nan')):.4f}"
+        )
+    print(f"report: {Path(config.output_dir) / 'report'}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ciess", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress at INFO level")
@@ -59,6 +76,12 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--output-dir", help="overrides output_dir of the config")
     train.set_defaults(func=_cmd_train)
 
+    search = sub.add_parser("search", help="run the CIESS search and write one dimension plan per budget")
+    search.add_argument("--config", required=True)
+    search.add_argument("--output-dir", help="overrides output_dir of the config")
+    search.add_argument("--resume", action="store_true", help="continue from the last completed step")
+    search.set_defaults(func=_cmd_search)
+
     evaluate = sub.add_parser("evaluate", help="score a checkpoint on the validation or test split")
     evaluate.add_argument("--checkpoint", required=True)
     evaluate.add_argument("--split", choices=["val", "test"], default="test")
@@ -72,11 +95,12 @@ def main(argv: list[str] | None = None) -> int:
         level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s", force=True
     )
     from ciess_prod.data import DataError
+    from ciess_prod.search.plan import PlanError
     from ciess_prod.train.checkpoint import CheckpointError
 
     try:
         return args.func(args)
-    except (ConfigError, DataError, CheckpointError) as exc:
+    except (ConfigError, DataError, CheckpointError, PlanError) as exc:
         print(f"ciess: error: {exc}", file=sys.stderr)
         return 2
 

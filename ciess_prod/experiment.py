@@ -16,38 +16,14 @@ import torch
 
 from ciess_prod import __version__
 from ciess_prod.config import ConfigError, from_dict, to_dict
-from ciess_prod.data import (
-    RecDataset,
-    SplitConfig,
-    SyntheticConfig,
-    build_dataset,
-    generate_interactions,
-    load_interactions,
-)
+from ciess_prod.data import DataConfig, RecDataset, load_dataset
 from ciess_prod.io import write_json_atomic
 from ciess_prod.models import ModelConfig, Recommender, build_model, model_memory, uniform_sizes
 from ciess_prod.train.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from ciess_prod.train.trainer import TrainConfig, evaluate, fit
+from ciess_prod.train.protocol import Protocol, split_metrics, train_and_test
+from ciess_prod.train.trainer import TrainConfig
 
 log = logging.getLogger(__name__)
-
-REPORT_KS = (5, 10, 20)
-
-
-@dataclass(frozen=True)
-class DataConfig:
-    source: Literal["synthetic", "auto", "ml-1m", "ml-100k", "lightgcn", "csv", "parquet"] = "synthetic"
-    path: str | None = None  # file or directory of a real dataset (every source but "synthetic")
-    user_col: str = "user_id"  # column names for csv/parquet logs
-    item_col: str = "item_id"
-    rating_col: str | None = None
-    min_rating: float | None = None  # keep only interactions rated at least this (csv/parquet)
-    split: SplitConfig = field(default_factory=SplitConfig)
-    synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
-
-    def __post_init__(self) -> None:
-        if self.source != "synthetic" and not self.path:
-            raise ValueError(f"data.path is required for source {self.source!r}")
 
 
 @dataclass(frozen=True)
@@ -70,33 +46,8 @@ class ExperimentConfig:
     sizes: SizeConfig = field(default_factory=SizeConfig)
     # train_only: early-stop on validation, test that model; final: then retrain on train+validation for the
     # chosen length and test with train+validation items excluded (the CIESS authors' reported protocol)
-    protocol: Literal["train_only", "final"] = "train_only"
+    protocol: Protocol = "train_only"
     output_dir: str = "runs/default"  # checkpoint/ and metrics.json go here
-
-
-def resolve_data_path(path: str, base_dir: Path | None) -> Path:
-    """Relative paths resolve against the working directory first, then against ``base_dir``."""
-    candidate = Path(path)
-    if candidate.is_absolute() or candidate.exists() or base_dir is None:
-        return candidate
-    return base_dir / candidate
-
-
-def load_dataset(config: DataConfig, base_dir: Path | None = None) -> RecDataset:
-    """Reads (or generates) the interactions and splits them."""
-    if config.source == "synthetic":
-        interactions = generate_interactions(config.synthetic)
-        s = config.synthetic
-        name = f"synthetic-{s.n_users}x{s.n_items}-s{s.seed}"
-    else:
-        path = resolve_data_path(config.path, base_dir)
-        kwargs: dict[str, Any] = {}
-        if config.source in ("csv", "parquet"):
-            kwargs = dict(user_col=config.user_col, item_col=config.item_col, rating_col=config.rating_col,
-                          min_rating=config.min_rating)
-        interactions = load_interactions(path, format=config.source, **kwargs)
-        name = path.name
-    return build_dataset(interactions, config.split, name=name)
 
 
 def sized_model(config: ExperimentConfig, dataset: RecDataset) -> Recommender:
@@ -108,10 +59,6 @@ def sized_model(config: ExperimentConfig, dataset: RecDataset) -> Recommender:
     return model
 
 
-def _metrics(model: Recommender, dataset: RecDataset, split: Literal["val", "test"], chunk: int) -> dict[str, float]:
-    return evaluate(model, dataset, split, ks=REPORT_KS, chunk_size=chunk).mean()
-
-
 def run_experiment(config: ExperimentConfig, base_dir: Path | None = None) -> dict[str, Any]:
     """Trains under ``config.protocol``, writes ``checkpoint/`` and ``metrics.json``, returns the metrics."""
     torch.manual_seed(config.train.seed)
@@ -119,17 +66,8 @@ def run_experiment(config: ExperimentConfig, base_dir: Path | None = None) -> di
     dataset = load_dataset(config.data, base_dir)
     log.info("dataset %s: %s", dataset.name, dataset.summary())
 
-    model = sized_model(config, dataset)
-    result = fit(model, dataset, config.train)
-    val = result.best_val or _metrics(model, dataset, "val", config.train.eval_chunk)
-    test_dataset = dataset
-    if config.protocol == "final":
-        test_dataset = dataset.with_validation_merged()
-        torch.manual_seed(config.train.seed)
-        model = sized_model(config, test_dataset)
-        fit(model, test_dataset, config.train, n_batches=result.best_batches)
-    # With validation merged into train, "test" excludes train+validation items: the final protocol's ranking.
-    test = _metrics(model, test_dataset, "test", config.train.eval_chunk)
+    outcome = train_and_test(dataset, lambda d: sized_model(config, d), config.train, config.protocol)
+    model, result, val, test = outcome.model, outcome.fit, outcome.val, outcome.test
     memory = model_memory(model)
     metrics = {
         "dataset": dataset.name,
@@ -182,4 +120,4 @@ def evaluate_checkpoint(
         model.load_state_dict(checkpoint.state)
     except RuntimeError as exc:
         raise CheckpointError(f"{path}: tensors do not fit the configured model: {exc}") from exc
-    return _metrics(model, dataset, split, config.train.eval_chunk)
+    return split_metrics(model, dataset, split, config.train.eval_chunk)

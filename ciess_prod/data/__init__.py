@@ -19,6 +19,7 @@ from ciess_prod.data.loaders import (
     load_movielens_100k,
     load_table,
 )
+from ciess_prod.data.source import DataConfig, load_dataset, resolve_data_path
 from ciess_prod.data.synthetic import SyntheticConfig, generate_interactions
 
 if TYPE_CHECKING:
@@ -26,6 +27,9 @@ if TYPE_CHECKING:
 
 __all__ = [
     "DATASETS",
+    "DataConfig",
+    "load_dataset",
+    "resolve_data_path",
     "FOLD_TEST",
     "FOLD_TRAIN",
     "FOLD_VAL",

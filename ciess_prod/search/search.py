@@ -1,0 +1,368 @@
+"""CIESS: one search over per-row embedding sizes that serves a list of memory budgets.
+
+Read top to bottom: train the full-size reference; then for every episode (all sizes start at d_max) and step,
+each side's agent proposes sizes from per-row states, exploration perturbs them and walks the size graph, the
+critic picks among the visited sizes, the environment trains and ranks at those sizes, rewards
+r_n = q_n - lambda (d_n / d_max)^2 go to the replay buffer, and TD3 updates. Every visited configuration is
+recorded; the best ``top_l`` per budget (those meeting it, ranked by mean q) are retrained to convergence, the
+best on validation is tested under the same protocol as the baselines, and a ``DimensionPlan`` is written.
+The state is checkpointed after every step; ``resume=True`` continues from the last completed step.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from ciess_prod.config import to_dict
+from ciess_prod.data import RecDataset
+from ciess_prod.experiment import DataConfig, load_dataset
+from ciess_prod.io import write_json_atomic
+from ciess_prod.models import SIDES, ModelConfig, Recommender, build_model, sparsity
+from ciess_prod.search.agent import TD3Agent, TD3Config
+from ciess_prod.search.buffer import ReplayBuffer
+from ciess_prod.search.environment import EnvironmentConfig, Quality, SizeEnvironment
+from ciess_prod.search.exploration import ExplorationConfig, Explorer
+from ciess_prod.search.plan import DimensionPlan, repair_to_budget
+from ciess_prod.search.report import write_report
+from ciess_prod.train.checkpoint import load_checkpoint, save_checkpoint
+from ciess_prod.train.protocol import Protocol, fit_on_train, score_with_protocol
+from ciess_prod.train.trainer import TrainConfig
+
+log = logging.getLogger(__name__)
+
+STATE_FILE = "search_state.pt"
+
+
+@dataclass(frozen=True)
+class SearchConfig:
+    budgets: tuple[float, ...] = (0.8, 0.9, 0.95)  # target sparsities c served by one search [P]
+    episodes: int = 30  # M [P]
+    steps_per_episode: int = 10  # T [P] (the authors' code: 11)
+    size_penalty: float = 0.4  # lambda in r = q - lambda (d / d_max)^2; 0.4 best on ML-1M [P]
+    reward: Literal["paper", "code"] = "paper"  # code: raw eval - lambda ((d - 1) / d_max)^2 instead of q [C]
+    top_l: int = 3  # configurations per budget retrained to convergence [P]
+    replay_bytes: int = 256 << 20  # replay buffer bound per agent (bytes)
+    rows_per_step: int | None = None  # subsample this many rows per side into the buffer each step (large tables)
+    td3: TD3Config = field(default_factory=TD3Config)
+    exploration: ExplorationConfig = field(default_factory=ExplorationConfig)
+    environment: EnvironmentConfig = field(default_factory=EnvironmentConfig)
+    seed: int = 0  # seeds agents, exploration, buffers and every environment step
+
+    def __post_init__(self) -> None:
+        if not self.budgets or any(not 0.0 <= c < 1.0 for c in self.budgets):
+            raise ValueError(f"budgets must be sparsities in [0, 1), got {self.budgets}")
+        for name in ("episodes", "steps_per_episode", "top_l"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.size_penalty < 0:
+            raise ValueError(f"size_penalty must be >= 0, got {self.size_penalty}")
+        if self.rows_per_step is not None and self.rows_per_step < 1:
+            raise ValueError(f"rows_per_step must be >= 1 or null, got {self.rows_per_step}")
+
+
+@dataclass(frozen=True)
+class SearchExperimentConfig:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)  # reference model and final retraining recipe
+    search: SearchConfig = field(default_factory=SearchConfig)
+    protocol: Protocol = "final"  # how the chosen configuration is tested (same as the baselines)
+    output_dir: str = "runs/search"  # reference/, search_state.pt, plans/, report/, search.json
+
+
+# ---- per-row states and rewards ----------------------------------------------------------------------------
+def normalise_popularity(popularity: np.ndarray) -> torch.Tensor:
+    """Min-max normalised to [-1, 1] within one side [P][C]."""
+    pop = torch.from_numpy(popularity.astype(np.float32))
+    span = (pop.max() - pop.min()).clamp(min=1e-12)
+    return (pop - pop.min()) / span * 2 - 1
+
+
+def build_states(popularity: torch.Tensor, sizes: torch.Tensor, quality: torch.Tensor, d_max: int) -> torch.Tensor:
+    """Per-row state (popularity in [-1, 1], size in [-1, 1], q in [0, 1]): [N, 3] float32."""
+    size = (sizes.to(torch.float32) - 1) / max(d_max - 1, 1) * 2 - 1
+    return torch.stack([popularity, size, quality.to(torch.float32)], dim=1)
+
+
+def rewards(config: SearchConfig, quality: Quality, side: str, sizes: torch.Tensor, d_max: int) -> torch.Tensor:
+    """r_n = q_n - lambda (d_n / d_max)^2 [P]; the code's variant uses raw eval and ((d_n - 1) / d_max)^2 [C]."""
+    d = sizes.to(torch.float32)
+    if config.reward == "paper":
+        return quality.ratio[side] - config.size_penalty * (d / d_max) ** 2
+    return quality.raw[side].to(torch.float32) - config.size_penalty * ((d - 1) / d_max) ** 2
+
+
+# ---- the record of visited configurations --------------------------------------------------------------
+@dataclass
+class Visited:
+    step: int
+    sparsity: float
+    mean_q: float
+    sizes: dict[str, torch.Tensor]  # side -> int16 [rows]
+
+
+class ConfigurationRecord:
+    """Top-l visited configurations per budget by mean q, plus the sparsest one (the repair's starting point)."""
+
+    def __init__(self, budgets: tuple[float, ...], top_l: int) -> None:
+        self.budgets, self.top_l = budgets, top_l
+        self.best: dict[float, list[Visited]] = {c: [] for c in budgets}
+        self.sparsest: Visited | None = None
+
+    def add(self, visited: Visited) -> None:
+        for c in self.budgets:
+            if visited.sparsity >= c:
+                kept = sorted([*self.best[c], visited], key=lambda v: (-v.mean_q, v.step))
+                self.best[c] = kept[: self.top_l]
+        if self.sparsest is None or visited.sparsity > self.sparsest.sparsity:
+            self.sparsest = visited
+
+    def state_dict(self) -> dict[str, Any]:
+        pack = lambda v: {"step": v.step, "sparsity": v.sparsity, "mean_q": v.mean_q, "sizes": v.sizes}  # noqa: E731
+        return {
+            "best": {str(c): [pack(v) for v in vs] for c, vs in self.best.items()},
+            "sparsest": pack(self.sparsest) if self.sparsest else None,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.best = {c: [Visited(**v) for v in state["best"][str(c)]] for c in self.budgets}
+        self.sparsest = Visited(**state["sparsest"]) if state["sparsest"] else None
+
+
+# ---- the search ----------------------------------------------------------------------------------------
+@dataclass
+class SearchState:
+    """Everything that changes between steps; saved after each completed step."""
+
+    step: int  # completed steps
+    sizes: dict[str, torch.Tensor]
+    quality: dict[str, torch.Tensor]
+    history: list[dict[str, float]]
+    agents: dict[str, TD3Agent]
+    explorers: dict[str, Explorer]
+    buffers: dict[str, ReplayBuffer]
+    record: ConfigurationRecord
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "step": self.step,
+            "sizes": self.sizes,
+            "quality": self.quality,
+            "history": self.history,
+            "agents": {s: a.state_dict() for s, a in self.agents.items()},
+            "explorers": {s: e.state_dict() for s, e in self.explorers.items()},
+            "buffers": {s: b.state_dict() for s, b in self.buffers.items()},
+            "record": self.record.state_dict(),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.step, self.sizes, self.quality, self.history = (
+            state["step"],
+            state["sizes"],
+            state["quality"],
+            state["history"],
+        )
+        for s in SIDES:
+            self.agents[s].load_state_dict(state["agents"][s])
+            self.explorers[s].load_state_dict(state["explorers"][s])
+            self.buffers[s].load_state_dict(state["buffers"][s])
+        self.record.load_state_dict(state["record"])
+
+
+def save_state(path: Path, state: SearchState) -> None:
+    """Atomic: a search killed while saving keeps the previous step's state."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    torch.save(state.state_dict(), tmp)
+    os.replace(tmp, path)
+
+
+def train_reference(config: SearchExperimentConfig, dataset: RecDataset, out: Path) -> Recommender:
+    """The full-size model whose per-row quality is the denominator of q; reused from ``out`` when present."""
+    path = out / "reference"
+    model = build_model(config.model, dataset.n_users, dataset.n_items, dataset.train)
+    if (path / "checkpoint.json").is_file():
+        checkpoint = load_checkpoint(path)
+        if checkpoint.meta.get("dataset_fingerprint") == dataset.fingerprint:
+            model.load_state_dict(checkpoint.state)
+            return model
+    torch.manual_seed(config.train.seed)
+    model, result, val = fit_on_train(
+        dataset, lambda d: build_model(config.model, d.n_users, d.n_items, d.train), config.train
+    )
+    save_checkpoint(
+        path, model, {"dataset_fingerprint": dataset.fingerprint, "val": val, "best_batches": result.best_batches}
+    )
+    return model
+
+
+def run_search(
+    config: SearchExperimentConfig,
+    base_dir: Path | None = None,
+    resume: bool = False,
+    stop_after_steps: int | None = None,
+) -> dict[str, Any]:
+    """Runs (or resumes) the search and the final retraining; returns the summary written to search.json.
+
+    ``stop_after_steps`` ends the process-local run after that many completed steps (used to test resuming).
+    """
+    search, d_max = config.search, config.model.d_max
+    out = Path(config.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    dataset = load_dataset(config.data, base_dir)
+    reference = train_reference(config, dataset, out)
+    env = SizeEnvironment(dataset, config.model, config.train, search.environment, reference)
+    popularity = {"user": dataset.user_popularity(), "item": dataset.item_popularity()}
+    pop_state = {s: normalise_popularity(popularity[s]) for s in SIDES}
+    n_rows = {"user": dataset.n_users, "item": dataset.n_items}
+
+    full = env.full_size_quality()
+    state = SearchState(
+        step=0,
+        sizes={s: torch.full((n_rows[s],), d_max, dtype=torch.int64) for s in SIDES},
+        quality=dict(full.ratio),
+        history=[],
+        agents={s: TD3Agent(search.td3, d_max, seed=search.seed + 10 * i) for i, s in enumerate(SIDES)},
+        explorers={
+            s: Explorer(search.exploration, d_max, n_rows[s], seed=search.seed + 10 * i + 1)
+            for i, s in enumerate(SIDES)
+        },
+        buffers={s: ReplayBuffer(search.replay_bytes, seed=search.seed + 10 * i + 2) for i, s in enumerate(SIDES)},
+        record=ConfigurationRecord(tuple(search.budgets), search.top_l),
+    )
+    state_path = out / STATE_FILE
+    if resume and state_path.is_file():
+        state.load_state_dict(torch.load(state_path, weights_only=True))
+        log.info("resumed from step %d", state.step)
+
+    total = search.episodes * search.steps_per_episode
+    bar = tqdm(total=total, initial=state.step, desc="ciess search", disable=not config.train.progress)
+    steps_this_run = 0
+    while state.step < total:
+        episode, step = divmod(state.step, search.steps_per_episode)
+        if step == 0:  # every episode starts at full size, where q = 1 by definition
+            state.sizes = {s: torch.full((n_rows[s],), d_max, dtype=torch.int64) for s in SIDES}
+            state.quality = dict(full.ratio)
+            for explorer in state.explorers.values():
+                explorer.reset()
+        states = {s: build_states(pop_state[s], state.sizes[s], state.quality[s], d_max) for s in SIDES}
+        new_sizes = {}
+        for s in SIDES:
+            agent = state.agents[s]
+            new_sizes[s] = state.explorers[s].choose(states[s], agent.act(states[s]), agent.q_values)
+        quality = env.evaluate(new_sizes, step_seed=search.seed * 100_003 + state.step)
+        done = step == search.steps_per_episode - 1
+        entry: dict[str, float] = {"episode": episode, "step": step, "global_step": state.step}
+        for s in SIDES:
+            next_states = build_states(pop_state[s], new_sizes[s], quality.ratio[s], d_max)
+            reward = rewards(search, quality, s, new_sizes[s], d_max)
+            state.buffers[s].add(
+                states[s], new_sizes[s].float(), reward, next_states, done, max_rows=search.rows_per_step
+            )
+            losses = state.agents[s].update(state.buffers[s])
+            entry[f"mean_reward_{s}"] = float(reward.mean())
+            entry[f"mean_size_{s}"] = float(new_sizes[s].float().mean())
+            entry[f"mean_q_{s}"] = float(quality.ratio[s].mean())
+            entry.update({f"{k}_{s}": v for k, v in losses.items()})
+        entry["mean_reward"] = float(
+            torch.cat([rewards(search, quality, s, new_sizes[s], d_max) for s in SIDES]).mean()
+        )
+        entry["sparsity"] = sparsity([new_sizes[s] for s in SIDES], d_max)
+        entry["mean_q"] = quality.mean_ratio
+        state.record.add(
+            Visited(state.step, entry["sparsity"], entry["mean_q"], {s: new_sizes[s].to(torch.int16) for s in SIDES})
+        )
+        state.history.append(entry)
+        state.sizes, state.quality = new_sizes, dict(quality.ratio)
+        state.step += 1
+        save_state(state_path, state)
+        bar.update(1)
+        bar.set_postfix(sparsity=f"{entry['sparsity']:.3f}", q=f"{entry['mean_q']:.3f}")
+        log.info("step %d: %s", state.step, {k: round(v, 4) for k, v in entry.items()})
+        steps_this_run += 1
+        if stop_after_steps is not None and steps_this_run >= stop_after_steps and state.step < total:
+            bar.close()
+            return {"completed_steps": state.step, "finished": False}
+    bar.close()
+    search_seconds = time.perf_counter() - started
+
+    plans = {c: choose_plan(config, dataset, state.record, c) for c in search.budgets}
+    for c, plan in plans.items():
+        plan.save(out / "plans" / f"c{c:.2f}")
+    write_report(out / "report", state.history, plans, popularity)
+    summary = {
+        "finished": True,
+        "completed_steps": state.step,
+        "search_seconds": search_seconds,
+        "total_seconds": time.perf_counter() - started,
+        "plans": {
+            f"{c:.2f}": {
+                "path": str(out / "plans" / f"c{c:.2f}"),
+                "achieved_sparsity": p.achieved_sparsity,
+                "repaired": p.repaired,
+                **p.metrics,
+            }
+            for c, p in plans.items()
+        },
+    }
+    write_json_atomic(out / "search.json", summary)
+    return summary
+
+
+def choose_plan(
+    config: SearchExperimentConfig, dataset: RecDataset, record: ConfigurationRecord, c: float
+) -> DimensionPlan:
+    """Retrains the budget's top-l configurations, keeps the best on validation, tests it under the protocol."""
+    d_max = config.model.d_max
+    candidates, repaired = record.best[c], False
+    if not candidates:  # nothing visited fits: shrink the sparsest visited configuration (order kept)
+        if record.sparsest is None:
+            raise RuntimeError("the search visited no configuration")
+        sizes = repair_to_budget(record.sparsest.sizes, d_max, c)
+        candidates = [Visited(-1, sparsity(list(sizes.values()), d_max), float("nan"), sizes)]
+        repaired = True
+
+    def make_model(sizes: dict[str, torch.Tensor]):
+        def make(d: RecDataset) -> Recommender:
+            model = build_model(config.model, d.n_users, d.n_items, d.train)
+            for s in SIDES:
+                model.set_row_sizes(s, sizes[s])
+            return model
+
+        return make
+
+    best = None
+    for candidate in candidates:
+        fitted, result, val = fit_on_train(dataset, make_model(candidate.sizes), config.train)
+        log.info("budget %.2f: candidate from step %d val %s", c, candidate.step, val)
+        if best is None or val["recall@20"] > best[2]["recall@20"]:
+            best = (candidate, fitted, val, result)
+    candidate, fitted, val, result = best
+    _, _, test = score_with_protocol(
+        dataset, make_model(candidate.sizes), config.train, config.protocol, fitted, result
+    )
+    return DimensionPlan(
+        sizes={s: candidate.sizes[s].to(torch.int16) for s in SIDES},
+        d_max=d_max,
+        model=config.model.kind,
+        dataset_fingerprint=dataset.fingerprint,
+        target_sparsity=c,
+        metrics={
+            "val": val,
+            "test": test,
+            "search": {"step": candidate.step, "mean_q": candidate.mean_q},
+            "best_batches": {"value": float(result.best_batches)},
+        },
+        seed=config.search.seed,
+        config=to_dict(config),
+        repaired=repaired,
+    )
