@@ -74,6 +74,24 @@ def test_q_values_chunked_equals_unchunked_and_matches_critic():
     torch.testing.assert_close(full[5], direct, rtol=1e-5, atol=1e-6)
 
 
+def test_q_values_with_repeated_candidates():
+    """Repeated sizes in a row are scored once and copied back: same values as scoring every pair."""
+    agent = TD3Agent(SMALL, D_MAX, seed=3)
+    g = torch.Generator().manual_seed(2)
+    states = torch.rand(200, STATE_DIM, generator=g)
+    sizes = torch.randint(1, 5, (200, 6), generator=g).float()  # many repeats per row
+    sizes[0] = 7.0  # one value only
+    sizes[1] = torch.tensor([9.0, 3.0, 9.0, 1.0, 3.0, 128.0])
+    with torch.no_grad():
+        direct = agent.qf1(
+            states.unsqueeze(1).expand(-1, 6, -1).reshape(-1, STATE_DIM), agent.size_to_action(sizes).reshape(-1)
+        ).view(200, 6)
+    for chunk in (None, 6, 50):
+        torch.testing.assert_close(agent.q_values(states, sizes, chunk_rows=chunk), direct, rtol=1e-5, atol=1e-6)
+    q = agent.q_values(states, sizes)
+    assert bool((q[0] == q[0, 0]).all()) and float(q[1, 0]) == float(q[1, 2]) and float(q[1, 1]) == float(q[1, 4])
+
+
 def test_construction_is_seeded_and_leaves_global_rng_alone():
     before = torch.random.get_rng_state()
     a, b, c = (TD3Agent(SMALL, D_MAX, seed=s) for s in (3, 3, 4))
@@ -156,9 +174,18 @@ def test_state_dict_round_trip_continues_bit_identically():
 
 @pytest.mark.parametrize(
     ("field", "value"),
-    [("hidden", 0), ("actor_lr", 0.0), ("critic_lr", float("nan")), ("gamma", 1.5), ("tau", 0.0),
-     ("batch_size", 0), ("policy_delay", 0), ("target_noise", -1.0), ("target_noise_clip", -0.1),
-     ("updates_per_step", 0)],
+    [
+        ("hidden", 0),
+        ("actor_lr", 0.0),
+        ("critic_lr", float("nan")),
+        ("gamma", 1.5),
+        ("tau", 0.0),
+        ("batch_size", 0),
+        ("policy_delay", 0),
+        ("target_noise", -1.0),
+        ("target_noise_clip", -0.1),
+        ("updates_per_step", 0),
+    ],
 )
 def test_config_validation_names_the_field(field: str, value):
     with pytest.raises(ValueError, match=field):

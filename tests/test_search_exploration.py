@@ -143,7 +143,7 @@ def _nearest_q(targets: torch.Tensor):
 
     def q_fn(states: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
         rows = states[:, 0].long()  # the tests put the row index in state column 0
-        return -(candidates - targets[rows].unsqueeze(1)) ** 2
+        return -((candidates - targets[rows].unsqueeze(1)) ** 2)
 
     return q_fn
 
@@ -204,8 +204,14 @@ def test_state_dict_round_trip_continues_identically():
 
 @pytest.mark.parametrize(
     ("field", "value"),
-    [("noise", "pink"), ("sigma", -1.0), ("sigma", float("nan")), ("ou_theta", 1.5), ("walk_radius", 0),
-     ("walk_steps", 0)],
+    [
+        ("noise", "pink"),
+        ("sigma", -1.0),
+        ("sigma", float("nan")),
+        ("ou_theta", 1.5),
+        ("walk_radius", 0),
+        ("walk_steps", 0),
+    ],
 )
 def test_config_validation_names_the_field(field: str, value):
     with pytest.raises(ValueError, match=field):

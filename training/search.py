@@ -36,7 +36,7 @@ def main(argv: list[str] | None = None) -> int:
     if distributed:
         dist.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo")
         if dist.get_world_size() > 1:
-            raise SystemExit("training/search.py: multi-process sharding is not implemented yet; use --nproc_per_node=1")
+            raise SystemExit("training/search.py: multi-process sharding is not implemented yet; use one process")
     try:
         config = load_yaml(SearchExperimentConfig, args.config)
         summary = run_search(config, base_dir=ROOT, resume=args.resume)

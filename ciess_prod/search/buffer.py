@@ -56,9 +56,7 @@ class ReplayBuffer:
         self.bytes_per_transition = self.width * BYTES_PER_FLOAT32
         self.capacity = int(max_bytes) // self.bytes_per_transition
         if self.capacity < 1:
-            raise ValueError(
-                f"max_bytes={max_bytes} holds no transition (one takes {self.bytes_per_transition} bytes)"
-            )
+            raise ValueError(f"max_bytes={max_bytes} holds no transition (one takes {self.bytes_per_transition} bytes)")
         self.device = torch.device(device)
         self.write_chunk_rows = write_chunk_rows
         # torch.empty: pages are only touched (and counted in RSS) as the ring fills up.
@@ -122,7 +120,7 @@ class ReplayBuffer:
         if isinstance(done, Tensor):
             if done.shape not in ((n,), ()):
                 raise ValueError(f"done: expected shape [{n}] or a scalar, got {list(done.shape)}")
-            done_col = done.to(torch.float32).expand(n)
+            done_col = done.to(states.device, torch.float32).expand(n)
         else:
             done_col = torch.full((n,), float(bool(done)), dtype=torch.float32, device=states.device)
         if max_rows is not None and max_rows < 1:

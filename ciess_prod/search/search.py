@@ -78,6 +78,13 @@ class SearchExperimentConfig:
     protocol: Protocol = "final"  # how the chosen configuration is tested (same as the baselines)
     output_dir: str = "runs/search"  # reference/, search_state.pt, plans/, report/, search.json
 
+    def __post_init__(self) -> None:
+        impossible = [c for c in self.search.budgets if (1 - c) * self.model.d_max < 1]
+        if impossible:
+            raise ValueError(
+                f"search.budgets {impossible} leave less than one column per row at d_max {self.model.d_max}"
+            )
+
 
 # ---- per-row states and rewards ----------------------------------------------------------------------------
 def normalise_popularity(popularity: np.ndarray) -> torch.Tensor:
