@@ -81,6 +81,8 @@ def main(argv: list[str] | None = None) -> int:
                 "git_sha": git_sha(),
                 "protocol": metrics["protocol"],
                 "best_batches": metrics["best_batches"],
+                "final_length": metrics["final_length"],
+                "retrain_batches": metrics["retrain_batches"],
                 "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
             }
             append_jsonl(args.results, row)

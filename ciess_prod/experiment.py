@@ -20,7 +20,7 @@ from ciess_prod.data import DataConfig, RecDataset, load_dataset
 from ciess_prod.io import write_json_atomic
 from ciess_prod.models import ModelConfig, Recommender, build_model, model_memory, uniform_sizes
 from ciess_prod.train.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from ciess_prod.train.protocol import Protocol, split_metrics, train_and_test
+from ciess_prod.train.protocol import Protocol, retrain_batches, split_metrics, train_and_test
 from ciess_prod.train.trainer import TrainConfig
 
 log = logging.getLogger(__name__)
@@ -81,6 +81,12 @@ def run_experiment(config: ExperimentConfig, base_dir: Path | None = None) -> di
         "dense_embedding_bytes": memory.dense_bytes,
         "best_batches": result.best_batches,
         "batches_trained": result.batches,
+        "final_length": config.train.final_length,
+        "retrain_batches": (
+            retrain_batches(config.train, dataset, outcome.test_dataset, result.best_batches)
+            if config.protocol == "final"
+            else None
+        ),
         "val": val,
         "test": test,
         "history": result.history,

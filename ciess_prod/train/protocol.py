@@ -2,8 +2,9 @@
 
 ``train_only``: train with early stopping on validation, test that model (test ranking excludes train and
 validation items). ``final`` (the CIESS authors' reported protocol, digest section 5): the same run picks the
-training length on validation; a fresh model is then trained on train+validation for that length and tested
-with each user's train+validation items excluded.
+training length on validation; a fresh model is then trained on train+validation for that length (by default
+the same number of epochs, see ``TrainConfig.final_length``) and tested with each user's train+validation items
+excluded.
 """
 
 from __future__ import annotations
@@ -48,6 +49,13 @@ def fit_on_train(
     return model, result, val
 
 
+def retrain_batches(config: TrainConfig, dataset: RecDataset, merged: RecDataset, best_batches: int) -> int:
+    """Length of the final retraining on train+validation (see ``TrainConfig.final_length``)."""
+    if config.final_length == "batches":
+        return best_batches
+    return max(1, round(best_batches * merged.train.nnz / max(dataset.train.nnz, 1)))
+
+
 def score_with_protocol(
     dataset: RecDataset,
     make_model: Callable[[RecDataset], Recommender],
@@ -62,7 +70,7 @@ def score_with_protocol(
         test_dataset = dataset.with_validation_merged()
         torch.manual_seed(config.seed)
         model = make_model(test_dataset)
-        fit(model, test_dataset, config, n_batches=result.best_batches)
+        fit(model, test_dataset, config, n_batches=retrain_batches(config, dataset, test_dataset, result.best_batches))
     # With validation merged into train, "test" excludes train+validation items: the final protocol's ranking.
     return model, test_dataset, split_metrics(model, test_dataset, "test", config.eval_chunk)
 

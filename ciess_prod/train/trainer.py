@@ -37,6 +37,9 @@ class TrainConfig:
     eval_every: int = 200  # batches between validation evaluations
     patience: int = 5  # evaluations without a better validation Recall@20 before stopping
     eval_chunk: int = 1024  # users scored at once during ranking evaluation
+    # final protocol: retrain for the same number of BATCHES as chosen on validation, or for the same number of
+    # EPOCHS (batches scaled by |train+val| / |train|, so every interaction is seen as often as when chosen)
+    final_length: Literal["batches", "epochs"] = "epochs"
     seed: int = 0  # seeds initialisation order, sampling and dropout
     progress: bool = True  # tqdm progress bar
 
