@@ -1,0 +1,121 @@
+"""CIESS on MovieLens-1M (LightGCN, warm protocol) against MR, frequency and the no-walk ablation.
+
+Appends to bench/results/ml1m.jsonl one row per budget and method (`ciess`, `ciess_no_walk`, `mr`, `freq`),
+with the same keys as bench/ml1m_baselines.py plus `search_seconds` and `peak_rss_mb`. Every row is tested
+under the same protocol as the `es` rows (configs/ml1m-search.yaml: `final`). Takes hours on 2 cores: run it
+in the background with a log.
+
+    OMP_NUM_THREADS=1 python bench/ml1m_search.py > ml1m_search.log 2>&1 &
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import resource
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from bench.ml1m_baselines import git_sha, print_row  # noqa: E402
+from ciess_prod.config import load_yaml  # noqa: E402
+from ciess_prod.data import load_dataset  # noqa: E402
+from ciess_prod.io import append_jsonl  # noqa: E402
+from ciess_prod.models import SIDES, build_model  # noqa: E402
+from ciess_prod.search import DimensionPlan  # noqa: E402
+from ciess_prod.search.baselines import frequency_sizes, random_sizes  # noqa: E402
+from ciess_prod.search.search import SearchExperimentConfig, run_search  # noqa: E402
+from ciess_prod.train.protocol import train_and_test  # noqa: E402
+
+RESULTS = ROOT / "bench" / "results" / "ml1m.jsonl"
+
+
+def peak_rss_mb() -> float:
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+
+
+def row(config: SearchExperimentConfig, method: str, c: float, sizes: dict, test: dict, wall: float, **extra) -> dict:
+    """One results line; bytes are the ideal fp32 payload of the sized tables."""
+    total = sum(int(s.to(torch.int64).sum()) for s in sizes.values())
+    rows = sum(s.numel() for s in sizes.values())
+    return {
+        "dataset": "ml-1m",
+        "model": config.model.kind,
+        "method": method,
+        "target_sparsity": c,
+        "achieved_sparsity": round(1 - total / (rows * config.model.d_max), 6),
+        "recall@5": test["recall@5"],
+        "recall@20": test["recall@20"],
+        "ndcg@5": test["ndcg@5"],
+        "ndcg@20": test["ndcg@20"],
+        "embedding_bytes": total * 4,
+        "wall_seconds": round(wall, 1),
+        "seed": config.search.seed,
+        "git_sha": git_sha(),
+        "protocol": config.protocol,
+        "final_length": config.train.final_length,
+        "peak_rss_mb": peak_rss_mb(),
+        **extra,
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", type=Path, default=ROOT / "configs" / "ml1m-search.yaml")
+    parser.add_argument("--methods", nargs="+", default=["ciess", "mr", "freq", "ciess_no_walk"])
+    parser.add_argument("--results", type=Path, default=RESULTS)
+    parser.add_argument("--resume", action="store_true", help="resume interrupted searches")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", force=True)
+    base = load_yaml(SearchExperimentConfig, args.config)
+    dataset = load_dataset(base.data, ROOT)
+
+    for method in args.methods:
+        if method in ("ciess", "ciess_no_walk"):
+            config = base
+            if method == "ciess_no_walk":
+                exploration = dataclasses.replace(base.search.exploration, walk=False)
+                config = dataclasses.replace(
+                    base,
+                    search=dataclasses.replace(base.search, exploration=exploration),
+                    output_dir=base.output_dir + "-no-walk",
+                )
+            config = dataclasses.replace(config, output_dir=str(ROOT / config.output_dir))
+            summary = run_search(config, base_dir=ROOT, resume=args.resume)
+            for c in config.search.budgets:
+                plan = DimensionPlan.load(Path(config.output_dir) / "plans" / f"c{c:.2f}")
+                record = row(config, method, c, plan.sizes, plan.metrics["test"], summary["total_seconds"],
+                             search_seconds=round(summary["search_seconds"], 1), repaired=plan.repaired)
+                append_jsonl(args.results, record)
+                print_row(record)
+            continue
+        for c in base.search.budgets:
+            start = time.perf_counter()
+            if method == "mr":
+                sizes = random_sizes({"user": dataset.n_users, "item": dataset.n_items}, base.model.d_max, c,
+                                     seed=base.search.seed)
+            else:
+                popularity = {"user": dataset.user_popularity(), "item": dataset.item_popularity()}
+                sizes = frequency_sizes(popularity, base.model.d_max, c)
+
+            def make(d, sizes=sizes):
+                model = build_model(base.model, d.n_users, d.n_items, d.train)
+                for side in SIDES:
+                    model.set_row_sizes(side, sizes[side])
+                return model
+
+            outcome = train_and_test(dataset, make, base.train, base.protocol)
+            record = row(base, method, c, sizes, outcome.test, time.perf_counter() - start)
+            append_jsonl(args.results, record)
+            print_row(record)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
