@@ -10,13 +10,7 @@ D_MAX = 128
 SMALL = TD3Config(hidden=32, batch_size=64)
 
 
-@pytest.fixture(autouse=True)
-def _one_torch_thread():
-    """Tiny tensors: one intra-op thread is fastest, and far faster than 2 on a loaded 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _params(agent: TD3Agent) -> list[torch.Tensor]:

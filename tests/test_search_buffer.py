@@ -9,13 +9,7 @@ S = 3
 BPT = (2 * S + 3) * 4  # bytes per transition
 
 
-@pytest.fixture(autouse=True)
-def _one_torch_thread():
-    """Tiny tensors: one intra-op thread is fastest, and far faster than 2 on a loaded 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _step(n: int, offset: float = 0.0, seed: int = 0):

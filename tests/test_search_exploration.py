@@ -8,13 +8,7 @@ from ciess_prod.search.exploration import ExplorationConfig, Explorer
 D_MAX = 128
 
 
-@pytest.fixture(autouse=True)
-def _one_torch_thread():
-    """Tiny tensors: one intra-op thread is fastest, and far faster than 2 on a loaded 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _explorer(n_rows: int = 0, seed: int = 0, d_max: int = D_MAX, **overrides) -> Explorer:

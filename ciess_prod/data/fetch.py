@@ -8,7 +8,6 @@ serves hand-downloaded files.
 
 from __future__ import annotations
 
-import hashlib
 import http.client
 import os
 import shutil
@@ -20,8 +19,9 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
 from ciess_prod.data.errors import DataError, FetchError
+from ciess_prod.io import atomic_directory, sha256_file
 
-__all__ = ["DATASETS", "FetchError", "RemoteDataset", "fetch_dataset", "sha256_file", "verify_and_unpack"]
+__all__ = ["DATASETS", "FetchError", "RemoteDataset", "fetch_dataset", "verify_and_unpack"]
 
 MARKER = (
     ".ciess-verified"  # written inside an unpacked dataset dir; holds the sha256 of the archive it came from
@@ -62,15 +62,6 @@ DATASETS: dict[str, RemoteDataset] = {
 }
 
 
-def sha256_file(path: Path) -> str:
-    """Streaming sha256, so large archives never sit in memory."""
-    digest = hashlib.sha256()
-    with path.open("rb") as fh:
-        for block in iter(lambda: fh.read(_BLOCK), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _safe_member(name: str, root: Path, archive: Path) -> Path:
     """Target path of a zip member; refuses absolute paths and ``..`` (zip-slip) before any write."""
     posix = PurePosixPath(name.replace("\\", "/"))
@@ -99,9 +90,7 @@ def verify_and_unpack(archive: str | Path, expected_sha256: str, dest_dir: str |
     actual = sha256_file(archive)
     if actual != expected_sha256.lower():
         raise FetchError(f"{archive}: sha256 mismatch: expected {expected_sha256.lower()}, got {actual}")
-    dest_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=dest_dir.parent, prefix=f".{dest_dir.name}.unpack-"))
-    try:
+    with atomic_directory(dest_dir) as tmp:
         try:
             with zipfile.ZipFile(archive) as zf:
                 members = zf.infolist()
@@ -116,16 +105,6 @@ def verify_and_unpack(archive: str | Path, expected_sha256: str, dest_dir: str |
         except (zipfile.BadZipFile, zipfile.LargeZipFile, RuntimeError, EOFError) as exc:
             raise FetchError(f"{archive}: cannot unpack zip archive ({exc})") from exc
         (tmp / MARKER).write_text(actual + "\n")
-        if dest_dir.exists():
-            old = Path(tempfile.mkdtemp(dir=dest_dir.parent, prefix=f".{dest_dir.name}.old-"))
-            os.replace(dest_dir, old / dest_dir.name)
-            os.replace(tmp, dest_dir)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, dest_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return dest_dir
 
 

@@ -191,43 +191,40 @@ def _parse_ml100k_data(handle: IO[bytes], source: str) -> InteractionLog:
     return InteractionLog(users=users, items=items, source=source)
 
 
+def _load_movielens(
+    path: str | Path,
+    label: str,
+    members: tuple[str, ...],
+    zip_member: str,
+    item_col: str,
+    parse: Callable[[IO[bytes], str], InteractionLog],
+) -> InteractionLog:
+    """Shared dispatch of the MovieLens layouts: the raw file, its GroupLens zip, a directory, or a CSV."""
+    path = Path(path)
+    if path.is_dir():
+        path = _find_in_dir(path, (*members, "ratings.csv.gz", "ratings.csv"), label)
+    _require_file(path)
+    name = path.name.lower()
+    if name.endswith(".zip"):
+        return _with_handle(path, zip_member, parse)
+    if ".csv" in name:
+        return load_table(path, user_col="user_id", item_col=item_col)
+    return _with_handle(path, None, parse)
+
+
 def load_movielens_1m(path: str | Path) -> InteractionLog:
     """ML-1M from ``ratings.dat``, ``ml-1m.zip``, a directory holding one of them, or ``ratings.csv.gz``.
 
     Every rating counts as a positive (the CIESS protocol); the rating value is not returned.
     """
-    path = Path(path)
-    if path.is_dir():
-        path = _find_in_dir(
-            path,
-            ("ratings.dat", "ml-1m/ratings.dat", "ml-1m.zip", "ratings.csv.gz", "ratings.csv"),
-            "ML-1M",
-        )
-    _require_file(path)
-    name = path.name.lower()
-    if name.endswith(".zip"):
-        return _with_handle(path, "ml-1m/ratings.dat", _parse_ml1m_dat)
-    if ".csv" in name:
-        return load_table(path, user_col="user_id", item_col="movie_id")
-    return _with_handle(path, None, _parse_ml1m_dat)
+    members = ("ratings.dat", "ml-1m/ratings.dat", "ml-1m.zip")
+    return _load_movielens(path, "ML-1M", members, "ml-1m/ratings.dat", "movie_id", _parse_ml1m_dat)
 
 
 def load_movielens_100k(path: str | Path) -> InteractionLog:
     """ML-100K from ``u.data``, ``ml-100k.zip``, a directory holding one of them, or ``ratings.csv.gz``."""
-    path = Path(path)
-    if path.is_dir():
-        path = _find_in_dir(
-            path,
-            ("u.data", "ml-100k/u.data", "ml-100k.zip", "ratings.csv.gz", "ratings.csv"),
-            "ML-100K",
-        )
-    _require_file(path)
-    name = path.name.lower()
-    if name.endswith(".zip"):
-        return _with_handle(path, "ml-100k/u.data", _parse_ml100k_data)
-    if ".csv" in name:
-        return load_table(path, user_col="user_id", item_col="item_id")
-    return _with_handle(path, None, _parse_ml100k_data)
+    members = ("u.data", "ml-100k/u.data", "ml-100k.zip")
+    return _load_movielens(path, "ML-100K", members, "ml-100k/u.data", "item_id", _parse_ml100k_data)
 
 
 # --------------------------------------------------------------------------------------------------- LightGCN
