@@ -35,10 +35,15 @@ PAPER_ES = {
 
 
 def git_sha() -> str:
+    """The commit the code was loaded from (call at start-up), suffixed -dirty if code files differ from it."""
     try:
-        return subprocess.check_output(["git", "rev-parse", "HEAD"], cwd=ROOT, text=True).strip()
+        sha = subprocess.check_output(["git", "rev-parse", "HEAD"], cwd=ROOT, text=True).strip()
+        changed = subprocess.check_output(
+            ["git", "status", "--porcelain", "--", "ciess_prod", "bench/*.py", "configs"], cwd=ROOT, text=True
+        )
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
+    return sha + ("-dirty" if changed.strip() else "")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -51,6 +56,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", force=True)
 
+    sha = git_sha()  # now, not after hours of training while the tree moves on
     rows = []
     for model in args.models:
         base = load_yaml(ExperimentConfig, ROOT / "configs" / f"ml1m-{model}.yaml")
@@ -78,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
                 "embedding_bytes": metrics["embedding_bytes"],
                 "wall_seconds": round(metrics["wall_seconds"], 1),
                 "seed": args.seed,
-                "git_sha": git_sha(),
+                "git_sha": sha,
                 "protocol": metrics["protocol"],
                 "best_batches": metrics["best_batches"],
                 "final_length": metrics["final_length"],

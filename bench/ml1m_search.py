@@ -34,6 +34,7 @@ from ciess_prod.search.search import SearchExperimentConfig, run_search  # noqa:
 from ciess_prod.train.protocol import train_and_test  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results" / "ml1m.jsonl"
+GIT_SHA = git_sha()  # at start-up: the code this run loaded
 
 
 def peak_rss_mb() -> float:
@@ -57,7 +58,7 @@ def row(config: SearchExperimentConfig, method: str, c: float, sizes: dict, test
         "embedding_bytes": total * 4,
         "wall_seconds": round(wall, 1),
         "seed": config.search.seed,
-        "git_sha": git_sha(),
+        "git_sha": GIT_SHA,
         "protocol": config.protocol,
         "final_length": config.train.final_length,
         "peak_rss_mb": peak_rss_mb(),

@@ -1,0 +1,42 @@
+"""Prints bench/results/ml1m.jsonl as a markdown table with ratios to the paper (for docs/benchmarks.md).
+
+    python bench/summarize.py > /tmp/table.md
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from bench.ml1m_baselines import PAPER_ES  # noqa: E402
+
+# Paper, MovieLens-1M, CIESS rows (Recall@20, NDCG@20).
+PAPER_CIESS = {
+    "lightgcn": {0.8: (0.2436, 0.4257), 0.9: (0.2248, 0.4023), 0.95: (0.2009, 0.3664)},
+    "ngcf": {0.8: (0.2148, 0.3854), 0.9: (0.2082, 0.3779), 0.95: (0.2055, 0.3727)},
+    "neumf": {0.8: (0.2221, 0.3828), 0.9: (0.2131, 0.3750), 0.95: (0.1982, 0.3587)},
+}
+
+
+def main() -> int:
+    rows = [json.loads(line) for line in (ROOT / "bench" / "results" / "ml1m.jsonl").read_text().splitlines() if line]
+    print("| model | method | c | protocol | retrain length | R@20 | N@20 | R@5 | N@5 | vs paper (R@20 / N@20) | "
+          "embedding bytes | wall s | git |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        paper = (PAPER_CIESS if r["method"].startswith("ciess") else PAPER_ES).get(r["model"], {})
+        ref = paper.get(r["target_sparsity"])
+        vs = f"{r['recall@20'] / ref[0]:.1%} / {r['ndcg@20'] / ref[1]:.1%}" if ref and r["method"] != "full" else "-"
+        length = r.get("final_length", "batches")
+        print(f"| {r['model']} | {r['method']} | {r['target_sparsity']} | {r['protocol']} | {length} | "
+              f"{r['recall@20']:.4f} | {r['ndcg@20']:.4f} | {r['recall@5']:.4f} | {r['ndcg@5']:.4f} | {vs} | "
+              f"{r['embedding_bytes']:,} | {r['wall_seconds']:.0f} | {r['git_sha'][:7]} |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
