@@ -28,8 +28,10 @@ echo "setup: installing the $variant stack into $VENV"
 $PIP install --quiet "torch==$TORCH_VERSION"
 $PIP install --quiet "$FBGEMM_PACKAGE"
 $PIP install --quiet --no-deps "torchrec==$TORCHREC_VERSION"
-# torchrec's own requirements, less fbgemm-gpu (installed above in the right variant).
-$PIP install --quiet tensordict torchmetrics tqdm pyre-extensions iopath
+# torchrec's own requirements (torchmetrics pinned as torchrec pins it), less fbgemm-gpu (installed above in
+# the right variant). pip's resolver will keep reporting torchrec's unmet "fbgemm-gpu" requirement from here on:
+# that is expected, the -cpu build provides the same module.
+$PIP install --quiet tensordict "torchmetrics==1.0.3" tqdm pyre-extensions iopath
 # The project, its runtime stack and dev tools; torch and torchrec are already satisfied.
 $PIP install --quiet -e ".[dev]"
 
