@@ -11,6 +11,7 @@ The state is checkpointed after every step; ``resume=True`` continues from the l
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import time
@@ -134,10 +135,9 @@ class ConfigurationRecord:
             self.sparsest = visited
 
     def state_dict(self) -> dict[str, Any]:
-        pack = lambda v: {"step": v.step, "sparsity": v.sparsity, "mean_q": v.mean_q, "sizes": v.sizes}  # noqa: E731
         return {
-            "best": {str(c): [pack(v) for v in vs] for c, vs in self.best.items()},
-            "sparsest": pack(self.sparsest) if self.sparsest else None,
+            "best": {str(c): [dataclasses.asdict(v) for v in vs] for c, vs in self.best.items()},
+            "sparsest": dataclasses.asdict(self.sparsest) if self.sparsest else None,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -366,8 +366,7 @@ def choose_plan(
         metrics={
             "val": val,
             "test": test,
-            "search": {"step": candidate.step, "mean_q": candidate.mean_q},
-            "best_batches": {"value": float(result.best_batches)},
+            "selection": {"step": candidate.step, "mean_q": candidate.mean_q, "best_batches": result.best_batches},
         },
         seed=config.search.seed,
         config=to_dict(config),
