@@ -1,6 +1,8 @@
-"""Prints bench/results/ml1m.jsonl as a markdown table with ratios to the paper (for docs/benchmarks.md).
+"""Prints the results files as markdown tables (for docs/benchmarks.md): ML-1M quality with ratios to the paper,
+and the RL step timings.
 
-    python bench/summarize.py > /tmp/table.md
+    python bench/summarize.py ml1m
+    python bench/summarize.py rl
 """
 
 from __future__ import annotations
@@ -22,8 +24,13 @@ PAPER_CIESS = {
 }
 
 
-def main() -> int:
-    rows = [json.loads(line) for line in (ROOT / "bench" / "results" / "ml1m.jsonl").read_text().splitlines() if line]
+def read(name: str) -> list[dict]:
+    path = ROOT / "bench" / "results" / name
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def ml1m_table() -> None:
+    rows = read("ml1m.jsonl")
     print("| model | method | c | protocol | retrain length | R@20 | N@20 | R@5 | N@5 | vs paper (R@20 / N@20) | "
           "embedding bytes | wall s | git |")
     print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
@@ -35,6 +42,22 @@ def main() -> int:
         print(f"| {r['model']} | {r['method']} | {r['target_sparsity']} | {r['protocol']} | {length} | "
               f"{r['recall@20']:.4f} | {r['ndcg@20']:.4f} | {r['recall@5']:.4f} | {r['ndcg@5']:.4f} | {vs} | "
               f"{r['embedding_bytes']:,} | {r['wall_seconds']:.0f} | {r['git_sha'][:7]} |")
+
+
+def rl_table() -> None:
+    print("| rows | seconds | s per 10^6 rows | peak RSS MB | critic scoring s | actor s | walk s | TD3 update s "
+          "| load avg | git |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for r in read("rl_step.jsonl"):
+        p = r["phases"]
+        print(f"| {r['rows']:,} | {r['seconds']:.2f} | {r['seconds'] / r['rows'] * 1e6:.1f} | {r['peak_rss_mb']:.0f} | "
+              f"{p['score']:.2f} | {p['act']:.2f} | {p['walk']:.2f} | {p['update']:.3f} | "
+              f"{r.get('load_avg_1m', float('nan')):.1f} | {r['git_sha'][:7]} |")
+
+
+def main(argv: list[str] | None = None) -> int:
+    which = (argv if argv is not None else sys.argv[1:]) or ["ml1m"]
+    {"ml1m": ml1m_table, "rl": rl_table}[which[0]]()
     return 0
 
 
