@@ -7,8 +7,12 @@ and the RL step timings.
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
+import os
 import sys
+import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -22,6 +26,13 @@ PAPER_CIESS = {
     "ngcf": {0.8: (0.2148, 0.3854), 0.9: (0.2082, 0.3779), 0.95: (0.2055, 0.3727)},
     "neumf": {0.8: (0.2221, 0.3828), 0.9: (0.2131, 0.3750), 0.95: (0.1982, 0.3587)},
 }
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
 
 
 def read(name: str) -> list[dict]:
@@ -55,9 +66,30 @@ def rl_table() -> None:
               f"{r.get('load_avg_1m', float('nan')):.1f} | {r['git_sha'][:7]} |")
 
 
+TABLES = {"ml1m": ml1m_table, "rl": rl_table}
+
+
+def update_docs(path: Path = ROOT / "docs" / "benchmarks.md") -> None:
+    """Rewrites every ``<!-- table:NAME -->`` ... ``<!-- /table:NAME -->`` block from the results files."""
+    text = path.read_text()
+    for name, table in TABLES.items():
+        start, end = f"<!-- table:{name} -->", f"<!-- /table:{name} -->"
+        if start not in text or end not in text:
+            continue
+        buffer = io.StringIO()
+        with contextlib.redirect_stdout(buffer):
+            table()
+        head, rest = text.split(start, 1)
+        text = head + start + "\n" + buffer.getvalue() + end + rest.split(end, 1)[1]
+    write_text_atomic(path, text)
+
+
 def main(argv: list[str] | None = None) -> int:
     which = (argv if argv is not None else sys.argv[1:]) or ["ml1m"]
-    {"ml1m": ml1m_table, "rl": rl_table}[which[0]]()
+    if which[0] == "--update-docs":
+        update_docs()
+    else:
+        TABLES[which[0]]()
     return 0
 
 
