@@ -51,9 +51,7 @@ def _example(values: pd.Series, bad: np.ndarray, first_line: int, what: str) -> 
     return f"{value!r} at {what} {pos + first_line}"
 
 
-def _as_int64(
-    values: pd.Series, column: str, source: str, first_line: int = 1, what: str = "line"
-) -> np.ndarray:
+def _as_int64(values: pd.Series, column: str, source: str, first_line: int = 1, what: str = "line") -> np.ndarray:
     """Convert an id column to int64, rejecting missing, fractional or non-numeric ids with an example."""
     if pd.api.types.is_bool_dtype(values.dtype):
         raise DataError(f"{source}: column {column!r} holds booleans, not integer ids")
@@ -132,9 +130,7 @@ def _sniff_first_line(handle: IO[bytes]) -> bytes:
     return b""
 
 
-def _with_handle(
-    path: Path, zip_member: str | None, fn: Callable[[IO[bytes], str], InteractionLog]
-) -> InteractionLog:
+def _with_handle(path: Path, zip_member: str | None, fn: Callable[[IO[bytes], str], InteractionLog]) -> InteractionLog:
     """Run ``fn(handle, source)`` on a plain file or on a member of a zip archive."""
     with ExitStack() as stack:
         if zip_member is not None:
@@ -145,25 +141,27 @@ def _with_handle(
 
 
 # -------------------------------------------------------------------------------------------------- MovieLens
-def _parse_ml1m_dat(handle: IO[bytes], source: str) -> InteractionLog:
-    """``UserID::MovieID::Rating::Timestamp`` lines; parsed with sep=':' so the C engine can be used."""
+def _expect_separator(handle: IO[bytes], source: str, separator: bytes, name: str, expected: str) -> None:
+    """Refuses an empty file or one whose first line lacks ``separator``; rewinds the handle."""
     first = _sniff_first_line(handle)
     if not first:
         raise DataError(f"{source}: file is empty")
-    if b"::" not in first:
-        raise DataError(
-            f"{source}: not in ML-1M ratings.dat format (expected 'UserID::MovieID::Rating::Timestamp', "
-            f"first line is {first[:80].decode('utf-8', 'replace')!r})"
-        )
+    if separator not in first:
+        line = first[:80].decode("utf-8", "replace")
+        raise DataError(f"{source}: not in {name} format (expected {expected}), first line is {line!r}")
     handle.seek(0)
+
+
+def _parse_ml1m_dat(handle: IO[bytes], source: str) -> InteractionLog:
+    """``UserID::MovieID::Rating::Timestamp`` lines; parsed with sep=':' so the C engine can be used."""
+    _expect_separator(handle, source, b"::", "ML-1M ratings.dat", "'UserID::MovieID::Rating::Timestamp'")
     # "a::b::c::d" split on ':' gives a,'',b,'',c,'',d: ids in columns 0 and 2; 1, 3, 5 must stay empty.
     df = _read_csv(handle, source, sep=":", header=None, names=list(range(7)))
     malformed = df[[0, 2, 4]].isna().any(axis=1).to_numpy() | df[[1, 3, 5]].notna().any(axis=1).to_numpy()
     if malformed.any():
         line = int(np.flatnonzero(malformed)[0]) + 1
         raise DataError(
-            f"{source}: line {line} is not 'UserID::MovieID::Rating::Timestamp' "
-            f"(every field must be separated by '::')"
+            f"{source}: line {line} is not 'UserID::MovieID::Rating::Timestamp' (every field must be separated by '::')"
         )
     users = _as_int64(df[0], "UserID", source)
     items = _as_int64(df[2], "MovieID", source)
@@ -172,15 +170,7 @@ def _parse_ml1m_dat(handle: IO[bytes], source: str) -> InteractionLog:
 
 def _parse_ml100k_data(handle: IO[bytes], source: str) -> InteractionLog:
     """Tab-separated ``user item rating timestamp`` lines of ML-100K ``u.data``."""
-    first = _sniff_first_line(handle)
-    if not first:
-        raise DataError(f"{source}: file is empty")
-    if b"\t" not in first:
-        raise DataError(
-            f"{source}: not in ML-100K u.data format (expected tab-separated 'user item rating timestamp', "
-            f"first line is {first[:80].decode('utf-8', 'replace')!r})"
-        )
-    handle.seek(0)
+    _expect_separator(handle, source, b"\t", "ML-100K u.data", "tab-separated 'user item rating timestamp'")
     df = _read_csv(handle, source, sep="\t", header=None, names=list(range(4)))
     malformed = df[[0, 1, 2]].isna().any(axis=1).to_numpy()
     if malformed.any():
@@ -240,9 +230,7 @@ def _parse_adjacency_block(block: bytes, source: str, first_line: int) -> tuple[
         line_end = block.find(b"\n", pos)
         text = block[line_start : line_end if line_end >= 0 else len(block)][:80].decode("utf-8", "replace")
         line = first_line + block.count(b"\n", 0, pos)
-        raise DataError(
-            f"{source}: line {line} has a non-integer id (expected 'user item item ...'): {text!r}"
-        )
+        raise DataError(f"{source}: line {line} has a non-integer id (expected 'user item item ...'): {text!r}")
     newline_before = np.cumsum(buf == ord("\n"), dtype=np.int64)
     prev_digit = np.concatenate(([False], is_digit[:-1]))
     next_digit = np.concatenate((is_digit[1:], [False]))
@@ -406,13 +394,9 @@ def detect_format(path: str | Path) -> str:
             return "ml-100k"
     else:
         parent = path.parent.name.lower()
-        if name in ("ratings.dat", "ml-1m.zip") or (
-            name.startswith("ratings.csv") and parent in _ML1M_DIR_NAMES
-        ):
+        if name in ("ratings.dat", "ml-1m.zip") or (name.startswith("ratings.csv") and parent in _ML1M_DIR_NAMES):
             return "ml-1m"
-        if name in ("u.data", "ml-100k.zip") or (
-            name.startswith("ratings.csv") and parent in _ML100K_DIR_NAMES
-        ):
+        if name in ("u.data", "ml-100k.zip") or (name.startswith("ratings.csv") and parent in _ML100K_DIR_NAMES):
             return "ml-100k"
         if name.endswith(_PARQUET_SUFFIXES):
             return "parquet"
@@ -420,9 +404,7 @@ def detect_format(path: str | Path) -> str:
             return "csv"
     if not path.exists():
         raise DataError(f"{path}: no such file or directory")
-    raise DataError(
-        f"{path}: cannot detect the data format from its name; pass format= one of {list(FORMATS[1:])}"
-    )
+    raise DataError(f"{path}: cannot detect the data format from its name; pass format= one of {list(FORMATS[1:])}")
 
 
 def load_interactions(path: str | Path, format: str = "auto", **kwargs: Any) -> InteractionLog:
