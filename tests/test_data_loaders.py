@@ -222,45 +222,59 @@ def test_missing_columns_named(tmp_path: Path) -> None:
         load_movielens_1m(_write(tmp_path / "ratings.csv", "user_id,item_id\n1,2\n"))
 
 
-def test_non_integer_ids_named(tmp_path: Path) -> None:
-    path = _write(tmp_path / "ids.csv", "user_id,item_id\n1,10\n2,abc\n3,30\n")
-    with pytest.raises(
-        DataError, match=r"ids\.csv: column 'item_id' has non-integer ids, e\.g\. 'abc' at line 3"
-    ):
-        load_table(path)
-    frac = _write(tmp_path / "frac.csv", "user_id,item_id\n1.5,10\n")
-    with pytest.raises(
-        DataError, match=r"frac\.csv: column 'user_id' has non-integer ids, e\.g\. 1\.5 at line 2"
-    ):
-        load_table(frac)
-    gap = _write(tmp_path / "gap.csv", "user_id,item_id\n1,10\n2,\n")
-    with pytest.raises(
-        DataError, match=r"gap\.csv: column 'item_id' has non-integer ids, e\.g\. nan at line 3"
-    ):
-        load_table(gap)
-    dat = _write(tmp_path / "ratings.dat", "1::10::5::1\nu7::11::5::1\n")
-    with pytest.raises(
-        DataError, match=r"ratings\.dat: column 'UserID' has non-integer ids, e\.g\. 'u7' at line 2"
-    ):
-        load_movielens_1m(dat)
-    udata = _write(tmp_path / "u.data", "1\t2\t3\t4\n1\tx\t3\t4\n")
-    with pytest.raises(DataError, match=r"u\.data: column 'item' has non-integer ids, e\.g\. 'x' at line 2"):
-        load_movielens_100k(udata)
-    ratings = _write(tmp_path / "stars.csv", "user_id,item_id,stars\n1,2,five\n")
-    with pytest.raises(DataError, match=r"stars\.csv: column 'stars' has non-numeric ratings, e\.g\. 'five'"):
-        load_table(ratings, rating_col="stars", min_rating=3)
+@pytest.mark.parametrize(
+    "name, text, load, message",
+    [
+        (
+            "ids.csv",
+            "user_id,item_id\n1,10\n2,abc\n3,30\n",
+            load_table,
+            r"ids\.csv: column 'item_id' has non-integer ids, e\.g\. 'abc' at line 3",
+        ),
+        (
+            "frac.csv",
+            "user_id,item_id\n1.5,10\n",
+            load_table,
+            r"frac\.csv: column 'user_id' has non-integer ids, e\.g\. 1\.5 at line 2",
+        ),
+        (
+            "gap.csv",
+            "user_id,item_id\n1,10\n2,\n",
+            load_table,
+            r"gap\.csv: column 'item_id' has non-integer ids, e\.g\. nan at line 3",
+        ),
+        (
+            "ratings.dat",
+            "1::10::5::1\nu7::11::5::1\n",
+            load_movielens_1m,
+            r"ratings\.dat: column 'UserID' has non-integer ids, e\.g\. 'u7' at line 2",
+        ),
+        (
+            "u.data",
+            "1\t2\t3\t4\n1\tx\t3\t4\n",
+            load_movielens_100k,
+            r"u\.data: column 'item' has non-integer ids, e\.g\. 'x' at line 2",
+        ),
+        (
+            "stars.csv",
+            "user_id,item_id,stars\n1,2,five\n",
+            lambda path: load_table(path, rating_col="stars", min_rating=3),
+            r"stars\.csv: column 'stars' has non-numeric ratings, e\.g\. 'five'",
+        ),
+    ],
+)
+def test_non_integer_ids_named(tmp_path: Path, name, text, load, message) -> None:
+    path = _write(tmp_path / name, text)
+    with pytest.raises(DataError, match=message):
+        load(path)
 
 
 def test_wrong_format_lines(tmp_path: Path) -> None:
     comma = _write(tmp_path / "ratings.dat", "1,1193,5,978300760\n")
-    with pytest.raises(
-        DataError, match=r"ratings\.dat: not in ML-1M ratings\.dat format .*'1,1193,5,978300760'"
-    ):
+    with pytest.raises(DataError, match=r"ratings\.dat: not in ML-1M ratings\.dat format .*'1,1193,5,978300760'"):
         load_movielens_1m(comma)
     mixed = _write(tmp_path / "mixed" / "ratings.dat", "1::2::3::4\n5::6::7::8\n9,10,11,12\n")
-    with pytest.raises(
-        DataError, match=r"mixed/ratings\.dat: line 3 is not 'UserID::MovieID::Rating::Timestamp'"
-    ):
+    with pytest.raises(DataError, match=r"mixed/ratings\.dat: line 3 is not 'UserID::MovieID::Rating::Timestamp'"):
         load_movielens_1m(mixed)
     single = _write(tmp_path / "single" / "ratings.dat", "1::2::3::4\n5:6:7:8\n")
     with pytest.raises(DataError, match=r"line 2 is not 'UserID::MovieID"):
@@ -288,9 +302,7 @@ def test_bad_archives_and_directories(tmp_path: Path) -> None:
     empty_dir = tmp_path / "empty_dir"
     empty_dir.mkdir()
     (empty_dir / "notes.txt").write_text("x")
-    with pytest.raises(
-        DataError, match=r"empty_dir: no ML-1M data found; looked for .*found \['notes\.txt'\]"
-    ):
+    with pytest.raises(DataError, match=r"empty_dir: no ML-1M data found; looked for .*found \['notes\.txt'\]"):
         load_movielens_1m(empty_dir)
     with pytest.raises(DataError, match=r"empty_dir: LightGCN directory lacks \['train\.txt', 'test\.txt'\]"):
         load_lightgcn(empty_dir)
@@ -314,14 +326,10 @@ def test_dispatcher_formats(tmp_path: Path) -> None:
     assert detect_format(path) == "ml-1m"
     _assert_ml1m(load_interactions(path))
     _assert_ml1m(load_interactions(path, format="ml-1m"))
-    with pytest.raises(
-        DataError, match=r"unknown data format 'movielens'; valid formats are \['auto', 'ml-1m'"
-    ):
+    with pytest.raises(DataError, match=r"unknown data format 'movielens'; valid formats are \['auto', 'ml-1m'"):
         load_interactions(path, format="movielens")
     odd = _write(tmp_path / "data.bin", "1 2\n")
-    with pytest.raises(
-        DataError, match=r"data\.bin: cannot detect the data format .*'lightgcn', 'csv', 'parquet'"
-    ):
+    with pytest.raises(DataError, match=r"data\.bin: cannot detect the data format .*'lightgcn', 'csv', 'parquet'"):
         load_interactions(odd)
     with pytest.raises(DataError, match=r"takes no options"):
         load_interactions(path, user_col="x")
