@@ -86,6 +86,7 @@ def main(argv: list[str] | None = None) -> int:
                     base,
                     search=dataclasses.replace(base.search, exploration=exploration),
                     output_dir=base.output_dir + "-no-walk",
+                    reference_dir=str(ROOT / base.output_dir / "reference"),  # same recipe: train it once
                 )
             config = dataclasses.replace(config, output_dir=str(ROOT / config.output_dir))
             summary = run_search(config, base_dir=ROOT, resume=args.resume)

@@ -94,6 +94,43 @@ def test_resume_gives_the_uninterrupted_result(tmp_path, finished_search):
     assert history(config) == history(reference_config)
 
 
+def test_resume_after_the_search_reuses_chosen_plans(tmp_path, finished_search, monkeypatch):
+    """An interrupted retraining phase keeps the budgets it finished; a plan of another search is not reused."""
+    import shutil
+
+    from ciess_prod.search import search as search_module
+
+    config, _ = finished_search
+    copy = dataclasses.replace(config, output_dir=str(tmp_path / "copy"))
+    shutil.copytree(config.output_dir, copy.output_dir)
+    chosen = []
+    real_choose = search_module.choose_plan
+    monkeypatch.setattr(
+        search_module, "choose_plan", lambda cfg, d, record, c: chosen.append(c) or real_choose(cfg, d, record, c)
+    )
+    run_search(copy, resume=True)
+    assert chosen == list(config.search.budgets)  # the copied plans name the other output_dir: not this search's
+    run_search(copy, resume=True)
+    assert chosen == list(config.search.budgets)  # now every budget's plan is this search's own: nothing retrained
+
+
+def test_reference_is_shared_only_with_the_same_recipe(tmp_path, finished_search, monkeypatch):
+    from ciess_prod.search import search as search_module
+
+    config, _ = finished_search
+    dataset = load_dataset(config.data, ROOT)
+    shared = Path(config.output_dir) / "reference"
+    fits = []
+    real_fit = search_module.fit_on_train
+    monkeypatch.setattr(search_module, "fit_on_train", lambda *a, **k: fits.append(1) or real_fit(*a, **k))
+    search_module.train_reference(config, dataset, shared)
+    assert fits == []  # same data, model and training recipe: reused
+    other = dataclasses.replace(config, train=dataclasses.replace(config.train, lr=0.02))
+    search_module.train_reference(other, dataset, tmp_path / "ref")
+    search_module.train_reference(other, dataset, tmp_path / "ref")
+    assert fits == [1]  # a different recipe trains once, then reuses its own
+
+
 def test_states_and_rewards_follow_the_paper():
     pop = torch.tensor([-1.0, 0.0, 1.0])
     states = build_states(pop, torch.tensor([1, 64, 128]), torch.tensor([0.2, 0.5, 1.0]), d_max=128)

@@ -32,7 +32,7 @@ from ciess_prod.search.agent import TD3Agent, TD3Config
 from ciess_prod.search.buffer import ReplayBuffer
 from ciess_prod.search.environment import EnvironmentConfig, Quality, SizeEnvironment
 from ciess_prod.search.exploration import ExplorationConfig, Explorer
-from ciess_prod.search.plan import DimensionPlan, repair_to_budget
+from ciess_prod.search.plan import MANIFEST_NAME, DimensionPlan, repair_to_budget
 from ciess_prod.search.report import write_report
 from ciess_prod.train.checkpoint import load_checkpoint, save_checkpoint
 from ciess_prod.train.protocol import Protocol, fit_on_train, score_with_protocol
@@ -78,6 +78,7 @@ class SearchExperimentConfig:
     search: SearchConfig = field(default_factory=SearchConfig)
     protocol: Protocol = "final"  # how the chosen configuration is tested (same as the baselines)
     output_dir: str = "runs/search"  # reference/, search_state.pt, plans/, report/, search.json
+    reference_dir: str | None = None  # cached full-size reference; default <output_dir>/reference (shareable)
 
     def __post_init__(self) -> None:
         impossible = [c for c in self.search.budgets if (1 - c) * self.model.d_max < 1]
@@ -192,22 +193,26 @@ def save_state(path: Path, state: SearchState) -> None:
     os.replace(tmp, path)
 
 
-def train_reference(config: SearchExperimentConfig, dataset: RecDataset, out: Path) -> Recommender:
-    """The full-size model whose per-row quality is the denominator of q; reused from ``out`` when present."""
-    path = out / "reference"
+def train_reference(config: SearchExperimentConfig, dataset: RecDataset, path: Path) -> Recommender:
+    """The full-size model whose per-row quality is the denominator of q.
+
+    Reused from ``path`` only when it was trained on the same data with the same model and training configs, so
+    searches that differ only in search settings (e.g. an ablation) can share one.
+    """
     model = build_model(config.model, dataset.n_users, dataset.n_items, dataset.train)
+    recipe = {"dataset_fingerprint": dataset.fingerprint, "model": to_dict(config.model)}
+    recipe["train"] = to_dict(config.train)
     if (path / "checkpoint.json").is_file():
         checkpoint = load_checkpoint(path)
-        if checkpoint.meta.get("dataset_fingerprint") == dataset.fingerprint:
+        if all(checkpoint.meta.get(key) == value for key, value in recipe.items()):
             model.load_state_dict(checkpoint.state)
+            log.info("reusing the reference model in %s", path)
             return model
     torch.manual_seed(config.train.seed)
     model, result, val = fit_on_train(
         dataset, lambda d: build_model(config.model, d.n_users, d.n_items, d.train), config.train
     )
-    save_checkpoint(
-        path, model, {"dataset_fingerprint": dataset.fingerprint, "val": val, "best_batches": result.best_batches}
-    )
+    save_checkpoint(path, model, {**recipe, "val": val, "best_batches": result.best_batches})
     return model
 
 
@@ -226,7 +231,7 @@ def run_search(
     out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     dataset = load_dataset(config.data, base_dir)
-    reference = train_reference(config, dataset, out)
+    reference = train_reference(config, dataset, Path(config.reference_dir or out / "reference"))
     env = SizeEnvironment(dataset, config.model, config.train, search.environment, reference)
     popularity = {"user": dataset.user_popularity(), "item": dataset.item_popularity()}
     pop_state = {s: normalise_popularity(popularity[s]) for s in SIDES}
@@ -302,9 +307,13 @@ def run_search(
     bar.close()
     search_seconds = time.perf_counter() - started
 
-    plans = {c: choose_plan(config, dataset, state.record, c) for c in search.budgets}
-    for c, plan in plans.items():
-        plan.save(out / "plans" / f"c{c:.2f}")
+    plans = {}
+    for c in search.budgets:  # each plan is saved when chosen, so a resumed run skips finished budgets
+        path = out / "plans" / f"c{c:.2f}"
+        plans[c] = finished_plan(path, config, dataset) if resume else None
+        if plans[c] is None:
+            plans[c] = choose_plan(config, dataset, state.record, c)
+            plans[c].save(path)
     write_report(out / "report", state.history, plans, popularity)
     summary = {
         "finished": True,
@@ -323,6 +332,17 @@ def run_search(
     }
     write_json_atomic(out / "search.json", summary)
     return summary
+
+
+def finished_plan(path: Path, config: SearchExperimentConfig, dataset: RecDataset) -> DimensionPlan | None:
+    """The plan an interrupted run already chose for this budget, if it belongs to this search."""
+    if not (path / MANIFEST_NAME).is_file():
+        return None
+    plan = DimensionPlan.load(path)
+    if plan.dataset_fingerprint != dataset.fingerprint or plan.config != to_dict(config):
+        return None
+    log.info("reusing the plan already chosen in %s", path)
+    return plan
 
 
 def choose_plan(
