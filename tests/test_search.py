@@ -68,6 +68,16 @@ def test_every_plan_meets_its_budget_and_reloads(finished_search):
     assert summary["plans"]["0.93"]["repaired"] is True
 
 
+def test_each_plan_comes_with_the_model_it_was_tested_with(finished_search):
+    from ciess_prod.experiment import evaluate_checkpoint
+
+    config, summary = finished_search
+    for c in config.search.budgets:
+        plan = DimensionPlan.load(Path(config.output_dir) / "plans" / f"c{c:.2f}")
+        model_dir = Path(summary["plans"][f"{c:.2f}"]["model"])
+        assert evaluate_checkpoint(model_dir, "test") == pytest.approx(plan.metrics["test"], abs=1e-12)
+
+
 def test_report_has_history_and_plots(finished_search):
     config, _ = finished_search
     report = Path(config.output_dir) / "report"
@@ -106,7 +116,7 @@ def test_resume_after_the_search_reuses_chosen_plans(tmp_path, finished_search, 
     chosen = []
     real_choose = search_module.choose_plan
     monkeypatch.setattr(
-        search_module, "choose_plan", lambda cfg, d, record, c: chosen.append(c) or real_choose(cfg, d, record, c)
+        search_module, "choose_plan", lambda cfg, d, rec, c: chosen.append(c) or real_choose(cfg, d, rec, c)
     )
     run_search(copy, resume=True)
     assert chosen == list(config.search.budgets)  # the copied plans name the other output_dir: not this search's

@@ -77,7 +77,7 @@ class SearchExperimentConfig:
     train: TrainConfig = field(default_factory=TrainConfig)  # reference model and final retraining recipe
     search: SearchConfig = field(default_factory=SearchConfig)
     protocol: Protocol = "final"  # how the chosen configuration is tested (same as the baselines)
-    output_dir: str = "runs/search"  # reference/, search_state.pt, plans/, report/, search.json
+    output_dir: str = "runs/search"  # reference/, search_state.pt, plans/, models/, report/, search.json
     reference_dir: str | None = None  # cached full-size reference; default <output_dir>/reference (shareable)
 
     def __post_init__(self) -> None:
@@ -309,10 +309,11 @@ def run_search(
 
     plans = {}
     for c in search.budgets:  # each plan is saved when chosen, so a resumed run skips finished budgets
-        path = out / "plans" / f"c{c:.2f}"
-        plans[c] = finished_plan(path, config, dataset) if resume else None
+        path, model_path = out / "plans" / f"c{c:.2f}", out / "models" / f"c{c:.2f}"
+        plans[c] = finished_plan(path, model_path, config, dataset) if resume else None
         if plans[c] is None:
-            plans[c] = choose_plan(config, dataset, state.record, c)
+            plans[c], model = choose_plan(config, dataset, state.record, c)
+            save_checkpoint(model_path, model, model_meta(config, plans[c]))  # first: a saved plan implies its model
             plans[c].save(path)
     write_report(out / "report", state.history, plans, popularity)
     summary = {
@@ -323,6 +324,7 @@ def run_search(
         "plans": {
             f"{c:.2f}": {
                 "path": str(out / "plans" / f"c{c:.2f}"),
+                "model": str(out / "models" / f"c{c:.2f}"),
                 "achieved_sparsity": p.achieved_sparsity,
                 "repaired": p.repaired,
                 **p.metrics,
@@ -334,9 +336,19 @@ def run_search(
     return summary
 
 
-def finished_plan(path: Path, config: SearchExperimentConfig, dataset: RecDataset) -> DimensionPlan | None:
+def model_meta(config: SearchExperimentConfig, plan: DimensionPlan) -> dict[str, Any]:
+    """Checkpoint metadata in the shape ``ciess train`` writes, so evaluation and the compressor rebuild it alike."""
+    experiment = {"data": to_dict(config.data), "model": to_dict(config.model), "train": to_dict(config.train)}
+    experiment["protocol"] = config.protocol
+    metrics = {"dataset_fingerprint": plan.dataset_fingerprint, **plan.metrics}
+    return {"config": experiment, "metrics": metrics, "plan_target_sparsity": plan.target_sparsity}
+
+
+def finished_plan(
+    path: Path, model_path: Path, config: SearchExperimentConfig, dataset: RecDataset
+) -> DimensionPlan | None:
     """The plan an interrupted run already chose for this budget, if it belongs to this search."""
-    if not (path / MANIFEST_NAME).is_file():
+    if not (path / MANIFEST_NAME).is_file() or not (model_path / "checkpoint.json").is_file():
         return None
     plan = DimensionPlan.load(path)
     if plan.dataset_fingerprint != dataset.fingerprint or plan.config != to_dict(config):
@@ -347,8 +359,11 @@ def finished_plan(path: Path, config: SearchExperimentConfig, dataset: RecDatase
 
 def choose_plan(
     config: SearchExperimentConfig, dataset: RecDataset, record: ConfigurationRecord, c: float
-) -> DimensionPlan:
-    """Retrains the budget's top-l configurations, keeps the best on validation, tests it under the protocol."""
+) -> tuple[DimensionPlan, Recommender]:
+    """Retrains the budget's top-l configurations, keeps the best on validation, tests it under the protocol.
+
+    Returns the plan and the model it was tested with (under ``final``: retrained on train+validation).
+    """
     d_max = config.model.d_max
     candidates, repaired = record.best[c], False
     if not candidates:  # nothing visited fits: shrink the sparsest visited configuration (order kept)
@@ -374,10 +389,10 @@ def choose_plan(
         if best is None or val["recall@20"] > best[2]["recall@20"]:
             best = (candidate, fitted, val, result)
     candidate, fitted, val, result = best
-    _, _, test = score_with_protocol(
+    model, _, test = score_with_protocol(
         dataset, make_model(candidate.sizes), config.train, config.protocol, fitted, result
     )
-    return DimensionPlan(
+    plan = DimensionPlan(
         sizes={s: candidate.sizes[s].to(torch.int16) for s in SIDES},
         d_max=d_max,
         model=config.model.kind,
@@ -392,3 +407,4 @@ def choose_plan(
         config=to_dict(config),
         repaired=repaired,
     )
+    return plan, model
