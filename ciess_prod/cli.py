@@ -59,6 +59,19 @@ def _cmd_search(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_compress(args: argparse.Namespace) -> int:
+    from ciess_prod.compress.compressor import compress
+
+    manifest = compress(Path(args.plan), Path(args.checkpoint), args.dtype, Path(args.out))
+    b = manifest["bytes"]
+    print(
+        f"{args.out}: {manifest['model']['kind']} {args.dtype} tables {b['compressed_bytes']} bytes "
+        f"({b['compressed_bytes'] / b['dense_bytes']:.1%} of dense {b['dense_bytes']}, "
+        f"{b['compressed_bytes'] / max(b['ideal_bytes'], 1):.3f}x ideal {b['ideal_bytes']})"
+    )
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ciess", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress at INFO level")
@@ -86,6 +99,13 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--checkpoint", required=True)
     evaluate.add_argument("--split", choices=["val", "test"], default="test")
     evaluate.set_defaults(func=_cmd_evaluate)
+
+    compress = sub.add_parser("compress", help="repack a trained model into ragged tables at a plan's sizes")
+    compress.add_argument("--plan", required=True, help="a dimension plan directory (plans/cX.XX of a search)")
+    compress.add_argument("--checkpoint", required=True, help="the model trained with that plan (models/cX.XX)")
+    compress.add_argument("--dtype", choices=["fp32", "fp16", "int8", "int4"], default="fp32")
+    compress.add_argument("--out", required=True, help="artifact directory to write (replaced whole)")
+    compress.set_defaults(func=_cmd_compress)
     return parser
 
 
@@ -94,13 +114,14 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(
         level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s", force=True
     )
+    from ciess_prod.compress.artifact import ArtifactError
     from ciess_prod.data import DataError
     from ciess_prod.search.plan import PlanError
     from ciess_prod.train.checkpoint import CheckpointError
 
     try:
         return args.func(args)
-    except (ConfigError, DataError, CheckpointError, PlanError) as exc:
+    except (ConfigError, DataError, CheckpointError, PlanError, ArtifactError) as exc:
         print(f"ciess: error: {exc}", file=sys.stderr)
         return 2
 

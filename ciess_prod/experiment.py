@@ -101,15 +101,21 @@ def run_experiment(config: ExperimentConfig, base_dir: Path | None = None) -> di
     return metrics
 
 
-def evaluate_checkpoint(
-    path: Path, split: Literal["val", "test"], base_dir: Path | None = None
-) -> dict[str, float]:
-    """Rebuilds the checkpoint's dataset (checking its fingerprint) and model, and scores ``split``."""
+@dataclass
+class TrainedModel:
+    model: Recommender  # weights and per-row sizes as saved
+    dataset: RecDataset  # the data it was trained on (final protocol: validation merged into train)
+    config: ExperimentConfig
+    meta: dict[str, Any]  # the checkpoint's metadata
+
+
+def load_trained_model(path: Path, base_dir: Path | None = None) -> TrainedModel:
+    """Rebuilds a checkpoint's dataset (checking its fingerprint) and model, as it was trained."""
     checkpoint = load_checkpoint(path)
     try:
         config = from_dict(ExperimentConfig, checkpoint.meta["config"], where=f"{path}/checkpoint.json config")
         expected = checkpoint.meta["metrics"]["dataset_fingerprint"]
-    except (KeyError, ConfigError) as exc:
+    except (KeyError, TypeError, ConfigError) as exc:
         raise CheckpointError(f"{path}: checkpoint metadata unusable: {exc}") from exc
     dataset = load_dataset(config.data, base_dir)
     if dataset.fingerprint != expected:
@@ -118,12 +124,21 @@ def evaluate_checkpoint(
             "the data or split changed since training"
         )
     if config.protocol == "final":
-        if split == "val":
-            raise CheckpointError(f"{path}: trained on train+validation (final protocol); only 'test' is meaningful")
         dataset = dataset.with_validation_merged()
     model = build_model(config.model, dataset.n_users, dataset.n_items, dataset.train)
     try:
         model.load_state_dict(checkpoint.state)
     except RuntimeError as exc:
         raise CheckpointError(f"{path}: tensors do not fit the configured model: {exc}") from exc
-    return split_metrics(model, dataset, split, config.train.eval_chunk)
+    model.eval()
+    return TrainedModel(model, dataset, config, checkpoint.meta)
+
+
+def evaluate_checkpoint(
+    path: Path, split: Literal["val", "test"], base_dir: Path | None = None
+) -> dict[str, float]:
+    """Scores ``split`` with a saved model (under the final protocol only 'test' is meaningful)."""
+    trained = load_trained_model(path, base_dir)
+    if trained.config.protocol == "final" and split == "val":
+        raise CheckpointError(f"{path}: trained on train+validation (final protocol); only 'test' is meaningful")
+    return split_metrics(trained.model, trained.dataset, split, trained.config.train.eval_chunk)

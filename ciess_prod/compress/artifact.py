@@ -1,0 +1,202 @@
+"""The compressed-model artifact: a self-checking directory that serving and the ONNX exporter load.
+
+Layout (no pickle anywhere; written into a temporary directory and renamed when complete)::
+
+    manifest.json        schema, model kind and config, row counts, dtype, per-table size histogram and bytes,
+                         byte totals, plan and checkpoint provenance, sha256 and length of every other file
+    tables.safetensors   per table ``{name}.values``, ``{name}.offsets`` (+ ``{name}.scale_bias`` for int8/int4)
+    dense.safetensors    the dense head's weights as ``head.*`` and, for graph models, the normalised adjacency as
+                         ``graph.indptr`` / ``graph.indices`` / ``graph.data`` (absent when the model has neither)
+
+``load_artifact`` re-validates everything (schema version, file set, checksums, tensor names, shapes, dtypes,
+layouts) and raises ``ArtifactError`` naming the file and the problem.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import safetensors
+import safetensors.torch
+import torch
+
+from ciess_prod import __version__
+from ciess_prod.compress.model import TABLES, CompressedRecommender, build_head, graph_arrays, graph_from_arrays
+from ciess_prod.compress.ragged import STATE_SCHEMA, RaggedEmbedding
+from ciess_prod.config import ConfigError, from_dict, to_dict
+from ciess_prod.io import atomic_directory, sha256_file, write_json_atomic
+from ciess_prod.models import ModelConfig
+
+ARTIFACT_SCHEMA = "ciess-prod/artifact/v1"
+MANIFEST = "manifest.json"
+TABLES_FILE = "tables.safetensors"
+DENSE_FILE = "dense.safetensors"
+
+
+class ArtifactError(ValueError):
+    """An artifact directory is missing, corrupt, tampered with or of another schema version."""
+
+
+@dataclass
+class Artifact:
+    model: CompressedRecommender
+    manifest: dict[str, Any]
+
+
+def size_histogram(sizes: torch.Tensor, d_max: int) -> dict[str, int]:
+    """Rows per size, for the sizes present: {"0": rows of size 0, ..., "d_max": ...}."""
+    counts = torch.bincount(sizes.to(torch.int64), minlength=d_max + 1)
+    return {str(d): int(n) for d, n in enumerate(counts.tolist()) if n}
+
+
+def save_artifact(model: CompressedRecommender, out: Path, provenance: dict[str, Any]) -> dict[str, Any]:
+    """Writes ``model`` to the directory ``out`` (replacing it whole); returns the manifest."""
+    tables, table_info = {}, {}
+    for name, table in model.tables.items():
+        for key, tensor in table.state_tensors().items():
+            tables[f"{name}.{key}"] = tensor.detach().cpu().contiguous().clone()
+        table_info[name] = {
+            "side": TABLES[model.config.kind][name],
+            "rows": table.num_rows,
+            "state": table.meta(),
+            "size_histogram": size_histogram(table.sizes, table.d_max),
+            "bytes": table.nbytes(),
+            "ideal_bytes": table.ideal_bytes(),
+            "dense_bytes": table.dense_bytes(),
+        }
+    dense = {}
+    if model.head is not None:
+        dense.update({f"head.{k}": v.detach().cpu().contiguous().clone() for k, v in model.head.state_dict().items()})
+    if model.adjacency is not None:
+        dense.update({f"graph.{k}": torch.from_numpy(v) for k, v in graph_arrays(model.adjacency).items()})
+    manifest: dict[str, Any] = {
+        "schema": ARTIFACT_SCHEMA,
+        "model": to_dict(model.config),
+        "n_users": model.n_users,
+        "n_items": model.n_items,
+        "dtype": model.dtype,
+        "tables": table_info,
+        "bytes": model.nbytes(),
+        "provenance": provenance,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "version": __version__,
+    }
+    with atomic_directory(Path(out)) as tmp:
+        safetensors.torch.save_file(tables, str(tmp / TABLES_FILE), metadata={"schema": ARTIFACT_SCHEMA})
+        files = [TABLES_FILE]
+        if dense:
+            safetensors.torch.save_file(dense, str(tmp / DENSE_FILE), metadata={"schema": ARTIFACT_SCHEMA})
+            files.append(DENSE_FILE)
+        manifest["files"] = {f: {"sha256": sha256_file(tmp / f), "bytes": (tmp / f).stat().st_size} for f in files}
+        write_json_atomic(tmp / MANIFEST, manifest)
+    return manifest
+
+
+def _read_manifest(directory: Path) -> dict[str, Any]:
+    path = directory / MANIFEST
+    if not path.is_file():
+        raise ArtifactError(f"{directory}: not an artifact directory (no {MANIFEST})")
+    try:
+        manifest = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ArtifactError(f"{path}: invalid JSON ({exc})") from exc
+    if not isinstance(manifest, dict):
+        raise ArtifactError(f"{path}: expected a JSON object")
+    if manifest.get("schema") != ARTIFACT_SCHEMA:
+        raise ArtifactError(
+            f"{path}: schema version mismatch: found {manifest.get('schema')!r}, expected {ARTIFACT_SCHEMA!r}"
+        )
+    required = ("model", "n_users", "n_items", "dtype", "tables", "files")
+    missing = [k for k in required if k not in manifest]
+    if missing:
+        raise ArtifactError(f"{path}: missing keys {missing}")
+    return manifest
+
+
+def _load_tensors(directory: Path, manifest: dict[str, Any], name: str) -> dict[str, torch.Tensor]:
+    """One listed file, after checking its length and sha256 against the manifest."""
+    path = directory / name
+    entry = manifest["files"].get(name)
+    if not isinstance(entry, dict) or not {"sha256", "bytes"} <= set(entry):
+        raise ArtifactError(f"{directory / MANIFEST}: no sha256/bytes entry for {name}")
+    if not path.is_file():
+        raise ArtifactError(f"{path}: missing artifact file")
+    if path.stat().st_size != entry["bytes"]:
+        raise ArtifactError(f"{path}: {path.stat().st_size} bytes, manifest says {entry['bytes']} (truncated?)")
+    if sha256_file(path) != entry["sha256"]:
+        raise ArtifactError(f"{path}: sha256 does not match the manifest (corrupt or modified)")
+    try:
+        return safetensors.torch.load_file(str(path))
+    except (safetensors.SafetensorError, OSError, ValueError) as exc:
+        raise ArtifactError(f"{path}: unreadable safetensors file ({exc})") from exc
+
+
+def load_artifact(directory: str | Path) -> Artifact:
+    """Loads and fully validates an artifact written by ``save_artifact``."""
+    directory = Path(directory)
+    manifest = _read_manifest(directory)
+    where = f"{directory / MANIFEST}"
+    try:
+        config = from_dict(ModelConfig, manifest["model"], where=f"{where} model")
+    except (ConfigError, TypeError, ValueError) as exc:
+        raise ArtifactError(f"{where}: model config unusable: {exc}") from exc
+    n_users, n_items = manifest["n_users"], manifest["n_items"]
+    if not all(isinstance(n, int) and not isinstance(n, bool) and n > 0 for n in (n_users, n_items)):
+        raise ArtifactError(f"{where}: n_users/n_items must be positive integers")
+    expected_files = {TABLES_FILE} | ({DENSE_FILE} if config.kind in ("neumf", "ngcf", "lightgcn") else set())
+    if not isinstance(manifest["files"], dict) or set(manifest["files"]) != expected_files:
+        raise ArtifactError(f"{where}: lists files {sorted(manifest['files'])}, a {config.kind} artifact has "
+                            f"{sorted(expected_files)}")
+
+    stored = _load_tensors(directory, manifest, TABLES_FILE)
+    names = TABLES[config.kind]
+    if not isinstance(manifest["tables"], dict) or set(manifest["tables"]) != set(names):
+        raise ArtifactError(f"{where}: tables {sorted(manifest['tables'])}, a {config.kind} model has {sorted(names)}")
+    tables, used = {}, set()
+    for name in names:
+        info = manifest["tables"][name]
+        state = info.get("state") if isinstance(info, dict) else None
+        valid = isinstance(state, dict) and state.get("schema") == STATE_SCHEMA
+        if not valid or state.get("dtype") != manifest["dtype"]:
+            raise ArtifactError(f"{where}: table {name} has no valid {manifest['dtype']} state entry")
+        keys = {k for k in stored if k.startswith(f"{name}.")}
+        used |= keys
+        try:
+            tables[name] = RaggedEmbedding.from_state_tensors({k[len(name) + 1 :]: stored[k] for k in keys}, state)
+        except ValueError as exc:
+            raise ArtifactError(f"{directory / TABLES_FILE}: table {name}: {exc}") from exc
+    if used != set(stored):
+        raise ArtifactError(f"{directory / TABLES_FILE}: unexpected tensors {sorted(set(stored) - used)}")
+
+    head, adjacency = build_head(config), None
+    dense = _load_tensors(directory, manifest, DENSE_FILE) if DENSE_FILE in expected_files else {}
+    strays = sorted(k for k in dense if not k.startswith(("head.", "graph.")))
+    if strays:
+        raise ArtifactError(f"{directory / DENSE_FILE}: unexpected tensors {strays}")
+    if head is not None:
+        state = {k[len("head.") :]: v for k, v in dense.items() if k.startswith("head.")}
+        try:
+            head.load_state_dict(state)
+        except RuntimeError as exc:
+            raise ArtifactError(f"{directory / DENSE_FILE}: head weights do not fit {config.kind}: {exc}") from exc
+    if config.kind in ("lightgcn", "ngcf"):
+        arrays = {k[len("graph.") :]: v.numpy() for k, v in dense.items() if k.startswith("graph.")}
+        if set(arrays) != {"indptr", "indices", "data"}:
+            raise ArtifactError(f"{directory / DENSE_FILE}: graph tensors missing (found {sorted(arrays)})")
+        dtypes = {"indptr": np.int64, "indices": np.int32, "data": np.float32}
+        if any(arrays[k].dtype != t or arrays[k].ndim != 1 for k, t in dtypes.items()):
+            raise ArtifactError(f"{directory / DENSE_FILE}: graph tensors must be 1-D int64/int32/float32")
+        try:
+            adjacency = graph_from_arrays(arrays, n_users + n_items)
+        except ValueError as exc:
+            raise ArtifactError(f"{directory / DENSE_FILE}: {exc}") from exc
+    try:
+        model = CompressedRecommender(config, n_users, n_items, tables, head, adjacency)
+    except ValueError as exc:
+        raise ArtifactError(f"{directory}: {exc}") from exc
+    return Artifact(model, manifest)
