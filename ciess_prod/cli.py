@@ -72,6 +72,16 @@ def _cmd_compress(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_export(args: argparse.Namespace) -> int:
+    from ciess_prod.compress.artifact import load_artifact
+    from ciess_prod.compress.onnx_export import export_onnx
+
+    model = load_artifact(Path(args.artifact)).model
+    path = export_onnx(model, Path(args.out), top_k=args.top_k)
+    print(f"{path}: {model.config.kind} {model.dtype} ONNX (users -> scores, top-{min(args.top_k, model.n_items)})")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ciess", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress at INFO level")
@@ -106,6 +116,13 @@ def build_parser() -> argparse.ArgumentParser:
     compress.add_argument("--dtype", choices=["fp32", "fp16", "int8", "int4"], default="fp32")
     compress.add_argument("--out", required=True, help="artifact directory to write (replaced whole)")
     compress.set_defaults(func=_cmd_compress)
+
+    export = sub.add_parser("export", help="export a compressed artifact for serving")
+    export.add_argument("--artifact", required=True, help="an artifact directory written by `ciess compress`")
+    export.add_argument("--format", choices=["onnx"], default="onnx")
+    export.add_argument("--out", required=True, help="the .onnx file to write (replaced atomically)")
+    export.add_argument("--top-k", type=int, default=20, help="items returned per user besides all scores")
+    export.set_defaults(func=_cmd_export)
     return parser
 
 
