@@ -15,6 +15,9 @@ demo: setup
 	$(CIESS) train --config configs/demo.yaml
 	$(CIESS) evaluate --checkpoint runs/demo/checkpoint --split test
 	$(CIESS) search --config configs/smoke.yaml
+	$(CIESS) compress --plan runs/smoke/plans/c0.90 --checkpoint runs/smoke/models/c0.90 --dtype int8 \
+		--out runs/smoke/artifact-c0.90-int8
+	$(CIESS) export --artifact runs/smoke/artifact-c0.90-int8 --format onnx --out runs/smoke/c0.90-int8.onnx
 
 lint: setup
 	$(VENV)/bin/ruff check .

@@ -82,6 +82,23 @@ def test_artifact_round_trip_and_byte_accounting(kind, tmp_path, one_torch_threa
     assert (b["graph_bytes"] > 0) == (kind in ("ngcf", "lightgcn"))
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("dtype", ["fp32", "int4"])
+def test_cuda_scores_and_lookups_match_cpu(kind, dtype):
+    cpu = CompressedRecommender.from_model(sized_model(kind), dtype)
+    users = torch.arange(0, 120, 3)
+    expected = cpu.score_users(users)
+    table = next(iter(cpu.tables.values()))
+    ids, bags = torch.randint(0, table.num_rows, (200,)), torch.arange(0, 200, 5)
+    lookup, pooled = table.lookup(ids), table.pooled(ids, bags, mode="mean")
+    gpu = cpu.to("cuda")
+    gpu_table = next(iter(gpu.tables.values()))
+    assert torch.equal(gpu_table.lookup(ids.cuda()).cpu(), lookup)
+    torch.testing.assert_close(gpu_table.pooled(ids.cuda(), bags.cuda(), mode="mean").cpu(), pooled)
+    torch.testing.assert_close(gpu.score_users(users.cuda()).cpu(), expected, rtol=1e-5, atol=1e-5)
+
+
 # ---- refusing bad artifacts -----------------------------------------------------------------------------------
 @pytest.fixture
 def artifact(tmp_path):

@@ -14,7 +14,8 @@ byte accounting reports as ``propagated_bytes``).
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import copy
+from collections.abc import Callable, Mapping
 
 import numpy as np
 import scipy.sparse as sp
@@ -119,14 +120,21 @@ class CompressedRecommender(nn.Module):
     def propagated(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Graph kinds: final (users, items) representations, computed once from the ragged ego tables."""
         if self._propagated is None:
-            ego = torch.cat([self.tables["user"].to_dense(), self.tables["item"].to_dense()])
+            # The sparse propagation runs on CPU (scipy); the result moves to the tables' device.
+            device = self.tables["user"].values.device
+            ego = torch.cat([self.tables["user"].to_dense(), self.tables["item"].to_dense()]).cpu()
             with torch.no_grad():
                 if self.config.kind == "lightgcn":
                     final = lightgcn_layers(self.adjacency, ego, self.config.n_layers)
                 else:
-                    final = self.head(self.adjacency, ego)
-            self._propagated = tuple(final.split([self.n_users, self.n_items]))
+                    head = self.head if device.type == "cpu" else copy.deepcopy(self.head).cpu()
+                    final = head(self.adjacency, ego)
+            self._propagated = tuple(final.to(device).split([self.n_users, self.n_items]))
         return self._propagated
+
+    def _apply(self, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool = True) -> CompressedRecommender:
+        self._propagated = None  # a device move drops the cached representations
+        return super()._apply(fn, recurse)
 
     @torch.no_grad()
     def score_users(self, users: torch.Tensor) -> torch.Tensor:
