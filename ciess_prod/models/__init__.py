@@ -5,6 +5,7 @@ from __future__ import annotations
 import scipy.sparse as sp
 
 from ciess_prod.models.base import SIDES, BPROutput, ModelConfig, Recommender
+from ciess_prod.models.dlrm import DLRM, DLRMConfig
 from ciess_prod.models.lightgcn import LightGCN
 from ciess_prod.models.memory import EmbeddingMemory, embedding_memory, sparsity, uniform_sizes
 from ciess_prod.models.mf import MF
@@ -14,6 +15,8 @@ from ciess_prod.models.ngcf import NGCF
 __all__ = [
     "SIDES",
     "BPROutput",
+    "DLRM",
+    "DLRMConfig",
     "EmbeddingMemory",
     "LightGCN",
     "MF",
