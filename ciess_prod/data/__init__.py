@@ -6,6 +6,15 @@ the loaders do not need.
 
 from typing import TYPE_CHECKING, Any
 
+from ciess_prod.data.ctr import (
+    CTR_KINDS,
+    CTRDataset,
+    SyntheticCTRConfig,
+    generate_ctr,
+    load_avazu,
+    load_criteo,
+    load_ctr,
+)
 from ciess_prod.data.dataset import RecDataset, SplitConfig, build_dataset, load_mapping
 from ciess_prod.data.errors import DataError, FetchError
 from ciess_prod.data.fetch import DATASETS, RemoteDataset, fetch_dataset, verify_and_unpack
@@ -26,6 +35,13 @@ if TYPE_CHECKING:
     from ciess_prod.data.sampler import BPRSampler
 
 __all__ = [
+    "CTR_KINDS",
+    "CTRDataset",
+    "SyntheticCTRConfig",
+    "generate_ctr",
+    "load_avazu",
+    "load_criteo",
+    "load_ctr",
     "DATASETS",
     "DataConfig",
     "load_dataset",
