@@ -75,7 +75,8 @@ def test_artifact_round_trip_and_byte_accounting(kind, tmp_path, one_torch_threa
     total_values = sum(int(sizes[side].sum()) for side in model.tables.values())
     assert b["ideal_bytes"] == total_values  # int8: one byte per kept value
     rows = sum(model.n_rows[side] for side in model.tables.values())
-    assert b["compressed_bytes"] == total_values + (rows + n_tables) * 4 + rows * 8  # + int32 offsets, fp32 scale/bias
+    offsets = n_tables * 8 + (rows + n_tables) * 2  # one int64 block offset (d_max 16: 4096 rows) + uint16 locals
+    assert b["compressed_bytes"] == total_values + offsets + rows * 8  # + offsets, fp32 scale/bias
     assert b["dense_bytes"] == rows * 16 * 4
     hist = manifest["tables"][next(iter(model.tables))]["size_histogram"]
     assert sum(hist.values()) == model.n_rows[next(iter(model.tables.values()))]
@@ -157,7 +158,7 @@ CORRUPTIONS = {
         "values must be",
     ),
     "offsets out of order": (
-        lambda p: _retensor(p, lambda t: t["item.offsets"].__setitem__(3, 10**6)),
+        lambda p: _retensor(p, lambda t: t["item.local_offsets"].__setitem__(3, 30000)),
         "table item",
     ),
 }

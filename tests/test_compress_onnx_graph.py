@@ -90,15 +90,26 @@ def test_all_rows_empty(dtype: str, one_torch_thread: None) -> None:
         assert torch.equal(_bits(got), _bits(torch.zeros(ids.numel(), 8)))
 
 
-def test_int64_offsets_and_empty_batch(one_torch_thread: None) -> None:
-    """Tables may carry int64 offsets (sum(d_n) >= 2^31); the graph takes either. A batch of 0 ids gives [0, d_max]."""
-    small = _table("int4", n=50, d=5, seed=3)
-    table = RaggedEmbedding(small.values, small.offsets.to(torch.int64), small.scale_bias, small.d_max, "int4")
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_many_blocks_and_empty_batch(dtype: str, one_torch_thread: None) -> None:
+    """d_max 128 -> blocks of 512 rows: ids on both sides of block boundaries, a full block (local offsets up to
+    65408, past the int16 sign bit of the stored uint16), an empty one. A batch of 0 ids gives [0, d_max]."""
+    n, d = 3 * 512 + 40, 128
+    g = torch.Generator().manual_seed(4)
+    sizes = torch.randint(0, d + 1, (n,), generator=g)
+    sizes[512:1024], sizes[1024:1536] = d, 0
+    sizes[0] += int(sizes[:512].sum()) % 2 == 0  # odd values before the full block: its int4 rows start mid-byte
+    table = RaggedEmbedding.from_dense(torch.randn(n, d, generator=g), sizes, dtype)
     table.backend = "torch"
-    session = _session(ragged_lookup_model(table))
-    ids = torch.randint(0, 50, (64,), generator=torch.Generator().manual_seed(4))
+    assert table.rows_per_block == 512 and int(table.local_offsets[1023]) < 0
+    model = ragged_lookup_model(table)
+    local = next(t for t in model.graph.initializer if t.name == "table/local_offsets")
+    assert local.data_type == TensorProto.UINT16
+    session = _session(model)
+    ids = torch.randint(0, n, (700,), generator=g)
+    ids[:8] = torch.tensor([0, 511, 512, 1023, 1024, 1535, 1536, n - 1])
     assert torch.equal(_bits(_run(session, ids)), _bits(table.lookup(ids)))
-    assert _run(session, torch.zeros(0, dtype=torch.int64)).shape == (0, 5)
+    assert _run(session, torch.zeros(0, dtype=torch.int64)).shape == (0, d)
 
 
 def test_external_data(tmp_path: Path, one_torch_thread: None) -> None:

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from ciess_prod.compress import _native
-from ciess_prod.compress.ragged import RaggedEmbedding
+from ciess_prod.compress.ragged import STATE_SCHEMA, RaggedEmbedding, decode_offsets, encode_offsets, rows_per_block
 from ciess_prod.models import ModelConfig
 from ciess_prod.models.mf import MF
 from ciess_prod.models.sizes import masked_table
@@ -262,7 +262,7 @@ def test_bad_ids_and_offsets_name_the_problem(one_torch_thread, backend):
 def test_bytes_by_hand():
     weight = torch.randn(4, 6)
     sizes = torch.tensor([3, 0, 5, 1])  # sum 9
-    expected = {  # dtype: (payload, scales); offsets are int32 [5] = 20 bytes
+    expected = {  # dtype: (payload, scales); offsets: one int64 block offset (R = 8192 rows) + uint16 [5] = 18 bytes
         "fp32": (9 * 4, 0),
         "fp16": (9 * 2, 0),
         "int8": (9, 4 * 2 * 4),  # fp32 scale + bias per row
@@ -270,13 +270,14 @@ def test_bytes_by_hand():
     }
     for dtype, (payload, scales) in expected.items():
         emb = RaggedEmbedding.from_dense(weight, sizes, dtype)
-        assert emb.offsets.dtype == torch.int32
+        assert emb.rows_per_block == 8192 and emb.block_offsets.numel() == 1 and emb.local_offsets.numel() == 5
+        assert emb.offsets.tolist() == [0, 3, 3, 8, 9]
         assert emb.nbytes() == {
             "payload": payload,
-            "offsets": 20,
+            "offsets": 18,
             "scales": scales,
             "padding": 0,
-            "total": payload + 20 + scales,
+            "total": payload + 18 + scales,
         }, dtype
         assert emb.ideal_bytes() == payload
         assert emb.dense_bytes() == 4 * 6 * 4
@@ -286,11 +287,99 @@ def test_bytes_of_a_large_table_follow_the_sizes():
     weight, sizes = _table(n=5000, d=128, seed=7)
     total = int(sizes.sum())
     emb = RaggedEmbedding.from_dense(weight, sizes, "int4")
-    assert emb.nbytes()["total"] == (total + 1) // 2 + 4 * 5001 + 4 * 5000
+    offsets = 8 * 10 + 2 * 5001  # ceil(5001 / 512) int64 block offsets + uint16 local offsets
+    assert emb.nbytes()["offsets"] == offsets
+    assert emb.nbytes()["total"] == (total + 1) // 2 + offsets + 4 * 5000
     assert emb.ideal_bytes() == (total + 1) // 2
     fp32 = RaggedEmbedding.from_dense(weight, sizes)
-    assert fp32.nbytes()["total"] == 4 * total + 4 * 5001
+    assert fp32.nbytes()["total"] == 4 * total + offsets
     assert fp32.dense_bytes() == 5000 * 128 * 4
+
+
+@pytest.mark.parametrize(
+    ("n", "d"), [(0, 4), (1, 1), (4, 6), (511, 128), (512, 128), (5000, 128), (31, 40000), (5, 70000)]
+)
+def test_offset_bytes_are_block_offsets_plus_16_bit_locals(n, d):
+    weight = torch.randn(n, d)
+    sizes = torch.randint(0, d + 1, (n,), generator=torch.Generator().manual_seed(n))
+    emb = RaggedEmbedding.from_dense(weight, sizes)
+    r = rows_per_block(d)
+    assert r & (r - 1) == 0 and (r - 1) * d <= 65535 and (r == 2**16 or (2 * r - 1) * d > 65535)
+    n_blocks = -(-(n + 1) // r)
+    assert emb.block_offsets.dtype == torch.int64 and emb.block_offsets.shape == (n_blocks,)
+    assert emb.local_offsets.dtype == torch.int16 and emb.local_offsets.shape == (n + 1,)
+    assert emb.nbytes()["offsets"] == 8 * n_blocks + 2 * (n + 1)
+    assert emb.nbytes()["total"] == 4 * int(sizes.sum()) + 8 * n_blocks + 2 * (n + 1)
+    assert torch.equal(emb.sizes, sizes) and emb.offsets.dtype == torch.int64
+    assert {name for name, _ in emb.named_buffers()} == {"values", "block_offsets", "local_offsets"}  # no offsets
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_many_blocks_with_full_blocks_and_the_16_bit_limit(one_torch_thread, backend, dtype):
+    """d_max 128 -> blocks of 512 rows; a block of rows all at d_max takes the local offsets to 511 * 128 = 65408
+    (past the int16 sign bit), an empty block keeps them at 0, odd sizes start int4 rows mid-byte across blocks."""
+    n, d = 5 * 512 + 100, 128
+    g = torch.Generator().manual_seed(11)
+    weight = torch.randn(n, d, generator=g)
+    sizes = torch.randint(0, d + 1, (n,), generator=g)
+    sizes[512:1024] = d  # block 1: full
+    sizes[1024:1536] = 0  # block 2: empty
+    sizes[1536:2048:2] = 1  # block 3: odd sizes
+    emb = _emb(weight, sizes, dtype, backend)
+    assert emb.rows_per_block == 512 and emb.block_offsets.numel() == 6
+    local = emb.local_offsets.to(torch.int32) & 0xFFFF
+    assert int(local[1023]) == 511 * 128 and int(emb.local_offsets[1023]) < 0  # stored as the uint16 bit pattern
+    assert int(local.max()) == 511 * 128
+    offsets = torch.cat([torch.zeros(1, dtype=torch.int64), torch.cumsum(sizes, 0)])
+    assert torch.equal(emb.offsets, offsets) and torch.equal(emb.block_offsets, offsets[::512])
+    dense = emb.to_dense()
+    if dtype == "fp32":
+        assert torch.equal(_bits(dense), _bits(masked_table(weight, sizes)))
+    else:
+        emb.backend = "torch"
+        assert torch.equal(_bits(dense), _bits(emb.to_dense()))
+        emb.backend = backend
+    ids = torch.randint(0, n, (4000,), generator=g)
+    ids[:6] = torch.tensor([511, 512, 1023, 1024, 1535, n - 1])  # both sides of block boundaries
+    assert torch.equal(_bits(emb.lookup(ids)), _bits(dense[ids]))
+    bags = torch.arange(0, 4000, 9)
+    assert torch.equal(emb.pooled(ids, bags), F.embedding_bag(ids, dense, bags, mode="sum"))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_d_max_1_fills_a_block_to_65535(one_torch_thread, backend):
+    """d_max 1 -> blocks of 2^16 rows; rows all of size 1 put the largest possible local offset, 65535, in block 0."""
+    n = 2**16 + 50
+    weight = torch.randn(n, 1, generator=torch.Generator().manual_seed(12))
+    emb = _emb(weight, torch.ones(n, dtype=torch.int64), backend=backend)
+    assert emb.rows_per_block == 2**16 and emb.block_offsets.tolist() == [0, 2**16]
+    assert int(emb.local_offsets[2**16 - 1]) == -1  # 0xFFFF
+    ids = torch.tensor([0, 2**16 - 2, 2**16 - 1, 2**16, n - 1])
+    assert torch.equal(_bits(emb.lookup(ids)), _bits(weight[ids]))
+
+
+def test_offsets_overhead_within_10_percent_at_95_percent_sparsity():
+    """fp32, d_max 128, 10^5 rows of mean size 6.4 (25.6 payload bytes a row): int32 offsets alone would cost
+    4 / 25.6 = 15.6%; blocks of 512 rows with 16-bit local offsets cost about 2 bytes a row."""
+    n, d = 100_000, 128
+    sizes = torch.tensor([6, 7, 6, 7, 6]).repeat(n // 5)[torch.randperm(n, generator=torch.Generator().manual_seed(0))]
+    emb = RaggedEmbedding.from_dense(torch.randn(n, d), sizes)
+    ratio = emb.nbytes()["total"] / emb.ideal_bytes()
+    print(f"fp32 overhead at mean size {float(sizes.float().mean()):.1f} of {d}: {ratio:.4f}x the ideal bytes")
+    assert emb.ideal_bytes() == 4 * 640_000
+    assert emb.nbytes()["offsets"] == 8 * 196 + 2 * (n + 1)
+    assert ratio <= 1.10
+
+
+def test_encode_decode_offsets_round_trip():
+    sizes = torch.full((10_000,), 19)
+    sizes[::3] = 0
+    offsets = torch.cat([torch.zeros(1, dtype=torch.int64), torch.cumsum(sizes, 0)])
+    block, local = encode_offsets(offsets, 19)  # R = 2048 (2047 * 19 = 38893)
+    assert block.numel() == 5 and torch.equal(decode_offsets(block, local, rows_per_block(19)), offsets)
+    with pytest.raises(ValueError, match="16 bits"):
+        encode_offsets(offsets, 8)  # steps of 19 > d_max 8: the locals of an 8192-row block pass 65535
 
 
 # ---- state round trip and corrupted state ------------------------------------------------------------------------
@@ -315,8 +404,8 @@ def _state(dtype: str = "int4") -> tuple[dict[str, torch.Tensor], dict]:
 
 
 def _corrupt_offsets_order(t, m):
-    a, b = int(t["offsets"][10]), int(t["offsets"][11])
-    t["offsets"][10], t["offsets"][11] = b + 1, a
+    a, b = int(t["local_offsets"][10]), int(t["local_offsets"][11])  # one block (R = 1024): locals are the offsets
+    t["local_offsets"][10], t["local_offsets"][11] = b + 1, a
 
 
 def _set(key, value):
@@ -325,17 +414,22 @@ def _set(key, value):
 
 CORRUPTIONS = {
     "not monotone": _corrupt_offsets_order,
-    "offsets\\[0\\] must be 0": _set("offsets", lambda o: o + 1),
-    "more than d_max": lambda t, m: m.__setitem__("d_max", 3),
-    "meta says 300 rows": _set("offsets", lambda o: o[:-1]),
+    "offsets\\[0\\] must be 0": _set("block_offsets", lambda o: o + 1),
+    "more than d_max": lambda t, m: m.update(d_max=3, rows_per_block=rows_per_block(3)),
+    "rows_per_block 1024 does not match d_max 3": lambda t, m: m.__setitem__("d_max", 3),
+    "rows_per_block 512 does not match": lambda t, m: m.__setitem__("rows_per_block", 512),
+    "meta says 300 rows": _set("local_offsets", lambda o: o[:-1]),
+    "block_offsets has 2 entries": _set("block_offsets", lambda o: torch.cat([o, o])),
     "values holds": _set("values", lambda v: v[:-1]),
     "values must be a 1-D torch.uint8": _set("values", lambda v: v.to(torch.int16)),
-    "offsets must be an int32 or int64": _set("offsets", lambda o: o.float()),
+    "local_offsets must be a 1-D torch.int16": _set("local_offsets", lambda o: o.to(torch.int32)),
+    "block_offsets must be a 1-D torch.int64": _set("block_offsets", lambda o: o.to(torch.int32)),
     "scale_bias must be a torch.float16": _set("scale_bias", lambda s: s.float()),
     "scale_bias must have shape": _set("scale_bias", lambda s: s[:-1]),
     "non-negative scales": _set("scale_bias", lambda s: -s),
     "exactly the tensors": lambda t, m: t.pop("scale_bias"),
     "schema": lambda t, m: m.__setitem__("schema", "something/else"),
+    "meta must hold exactly": lambda t, m: m.pop("rows_per_block"),
     "dtype must be one of": lambda t, m: m.__setitem__("dtype", "int3"),
 }
 
@@ -346,6 +440,56 @@ def test_corrupted_state_is_rejected(problem):
     CORRUPTIONS[problem](tensors, meta)
     with pytest.raises(ValueError, match=problem):
         RaggedEmbedding.from_state_tensors(tensors, meta)
+
+
+def _multi_block_state() -> tuple[dict[str, torch.Tensor], dict]:
+    """fp32, 2000 rows of d_max 128: 4 blocks of 512 rows; row 1535 (the last before block 3) has size 0."""
+    g = torch.Generator().manual_seed(13)
+    sizes = torch.randint(0, 128, (2000,), generator=g)
+    sizes[1535] = 0
+    emb = RaggedEmbedding.from_dense(torch.randn(2000, 128, generator=g), sizes)
+    assert emb.block_offsets.numel() == 4
+    return {k: v.clone() for k, v in emb.state_tensors().items()}, emb.meta()
+
+
+def _set_entry(key, index, value):
+    return lambda t: t[key].__setitem__(index, value(t[key]) if callable(value) else value)
+
+
+BLOCK_CORRUPTIONS = {
+    "local_offsets\\[512\\], the first of block 1, must be 0, got 5": _set_entry("local_offsets", 512, 5),
+    "not monotone: row 600": _set_entry("local_offsets", 600, -1),  # 0xFFFF: row 599 huge, row 600 negative
+    "row 1999 size 129, more than d_max 128": _set_entry("local_offsets", 2000, lambda o: o[1999] + 129),
+    "not monotone: row 1023": _set_entry("block_offsets", 2, lambda b: b[1] - 1),
+    "values holds": _set_entry("block_offsets", 3, lambda b: b[3] + 1),  # row 1535 grows to 1: the total is off
+    "block_offsets has 3 entries": lambda t: t.__setitem__("block_offsets", t["block_offsets"][:3]),
+}
+
+
+@pytest.mark.parametrize("problem", list(BLOCK_CORRUPTIONS))
+def test_corrupted_block_and_local_offsets_are_rejected(problem):
+    tensors, meta = _multi_block_state()
+    assert meta["rows_per_block"] == 512 and meta["schema"] == STATE_SCHEMA
+    RaggedEmbedding.from_state_tensors(tensors, meta)  # intact: fine
+    BLOCK_CORRUPTIONS[problem](tensors)
+    with pytest.raises(ValueError, match=problem):
+        RaggedEmbedding.from_state_tensors(tensors, meta)
+
+
+def test_compiled_op_refuses_corrupt_storage_passed_straight_to_it():
+    """Storage that skipped validation cannot make the op read out of bounds: it raises instead."""
+    _native_or_skip()
+    emb = RaggedEmbedding.from_dense(torch.randn(10, 4), torch.full((10,), 4))
+    local = emb.local_offsets.clone()
+    local[5] = -1  # 0xFFFF
+    ops = _native.ops()
+    with pytest.raises(ValueError, match="inconsistent with d_max"):
+        ops.lookup(emb.values, emb.block_offsets, local, emb.rows_per_block, None, torch.tensor([4]), 4, "fp32")
+    with pytest.raises(ValueError, match="block_offsets must be"):
+        ops.lookup(emb.values, emb.block_offsets[:0], local, emb.rows_per_block, None, torch.tensor([4]), 4, "fp32")
+    with pytest.raises(ValueError, match="power of two"):
+        ops.pooled(emb.values, emb.block_offsets, emb.local_offsets, 3, None, torch.tensor([4]), torch.tensor([0]),
+                   4, "fp32", "sum", False)
 
 
 def test_corrupted_fp32_and_int4_payloads_are_rejected():

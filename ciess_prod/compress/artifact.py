@@ -4,7 +4,8 @@ Layout (no pickle anywhere; written into a temporary directory and renamed when 
 
     manifest.json        schema, model kind and config, row counts, dtype, per-table size histogram and bytes,
                          byte totals, plan and checkpoint provenance, sha256 and length of every other file
-    tables.safetensors   per table ``{name}.values``, ``{name}.offsets`` (+ ``{name}.scale_bias`` for int8/int4)
+    tables.safetensors   per table ``{name}.values``, ``{name}.block_offsets``, ``{name}.local_offsets`` (+
+                         ``{name}.scale_bias`` for int8/int4): the ``RaggedEmbedding`` state
     dense.safetensors    the dense head's weights as ``head.*`` and, for graph models, the normalised adjacency as
                          ``graph.indptr`` / ``graph.indices`` / ``graph.data`` (absent when the model has neither)
 

@@ -116,9 +116,9 @@ def ragged_lookup(g: GraphBuilder, table: RaggedEmbedding, ids: str, prefix: str
     """Adds ``table``'s storage and the nodes of ``table.lookup(ids)``; returns the fp32 [B, d_max] value's name.
 
     ``ids``: an int64 [B] value of ``g`` (B dynamic), every id in [0, num_rows): NOT checked here (see the module
-    docstring). Stores the table as it is (no per-row sizes: the sizes come from the offsets at ids and ids + 1) and
-    dequantises like ``quantize.dequantize`` (fp32 code * scale, rounded, + bias, rounded), so results equal the
-    table's own lookup.
+    docstring). Stores the table as it is (no per-row sizes: the sizes come from the offsets at ids and ids + 1, each
+    block_offsets[n // R] + local_offsets[n], the locals a uint16 initializer) and dequantises like
+    ``quantize.dequantize`` (fp32 code * scale, rounded, + bias, rounded), so results equal the table's own lookup.
     """
     d_max, dtype = table.d_max, table.dtype
     if dtype not in ("fp32", "fp16", "int8", "int4"):
@@ -129,18 +129,25 @@ def ragged_lookup(g: GraphBuilder, table: RaggedEmbedding, ids: str, prefix: str
     stored = table.values.detach().cpu()
     values = g.constant(f"{prefix}/values", torch.cat([stored, stored.new_zeros(1)]))
     sentinel = g.constant(f"{prefix}/sentinel", np.array(stored.numel(), dtype=np.int64))  # index of that zero
-    offsets = g.constant(f"{prefix}/offsets", table.offsets.detach().cpu())  # int32 or int64, cast after Gather
+    # the two-level row offsets as stored: offset(n) = block_offsets[n // R] + local_offsets[n] (uint16)
+    block_offsets = g.constant(f"{prefix}/block_offsets", table.block_offsets.detach().cpu())  # int64
+    local_offsets = g.constant(
+        f"{prefix}/local_offsets", table.local_offsets.detach().cpu().numpy().view(np.uint16)
+    )  # cast to int64 after Gather
+    per_block = g.constant(f"{prefix}/rows_per_block", np.array(table.rows_per_block, dtype=np.int64))
 
-    # rows [B, 1]; start = offsets[ids], size = offsets[ids + 1] - start ([B, 1], int64); keep = column < size
+    # rows [B, 1]; start = offset(ids), size = offset(ids + 1) - start ([B, 1], int64); keep = column < size
     axis1 = g.constant(f"{prefix}/axis1", np.array([1], dtype=np.int64))
     one = g.constant(f"{prefix}/one", np.array(1, dtype=np.int64))
     rows = g.op("Unsqueeze", ids, axis1, name=f"{prefix}/rows")  # every per-row Gather at rows gives [B, 1]
     bounds = []
     for part, index in (("start", rows), ("end", g.op("Add", rows, one, name=f"{prefix}/rows_plus_1"))):
-        bound = g.op("Gather", offsets, index, axis=0, name=f"{prefix}/{part}")
-        if table.offsets.dtype != torch.int64:
-            bound = g.op("Cast", bound, to=TensorProto.INT64, name=f"{prefix}/{part}_i64")
-        bounds.append(bound)
+        # ids >= 0, so Div (truncating) is the floor; BitShift would need uint64 ids and two more Casts
+        block = index if table.rows_per_block == 1 else g.op("Div", index, per_block, name=f"{prefix}/{part}_block")
+        base = g.op("Gather", block_offsets, block, axis=0, name=f"{prefix}/{part}_base")
+        local = g.op("Gather", local_offsets, index, axis=0, name=f"{prefix}/{part}_local_u16")
+        local = g.op("Cast", local, to=TensorProto.INT64, name=f"{prefix}/{part}_local")
+        bounds.append(g.op("Add", base, local, name=f"{prefix}/{part}"))
     start = bounds[0]
     size = g.op("Sub", bounds[1], start, name=f"{prefix}/size")
     columns = g.constant(f"{prefix}/columns", np.arange(d_max, dtype=np.int64)[None, :])

@@ -35,20 +35,30 @@ def check_bag_offsets(offsets: torch.Tensor, n_ids: int, include_last_offset: bo
         raise ValueError(f"offsets must be non-decreasing and within [0, {n_ids}]")
 
 
+def offsets_at(
+    block_offsets: torch.Tensor, local_offsets: torch.Tensor, rows_per_block: int, rows: torch.Tensor
+) -> torch.Tensor:
+    """int64 row offsets at ``rows`` (int64 in [0, N]): block_offsets[row >> k] + local_offsets[row] read as uint16,
+    with rows_per_block = 2^k."""
+    shift = rows_per_block.bit_length() - 1
+    return block_offsets[rows >> shift] + (local_offsets[rows].to(torch.int32) & 0xFFFF)
+
+
 def lookup(
     values: torch.Tensor,
-    offsets: torch.Tensor,
+    block_offsets: torch.Tensor,
+    local_offsets: torch.Tensor,
+    rows_per_block: int,
     scale_bias: torch.Tensor | None,
     ids: torch.Tensor,
     d_max: int,
     dtype: str,
 ) -> torch.Tensor:
     """ids int64 [B] -> fp32 [B, d_max], row ids[b]'s stored values then zeros."""
-    rows = offsets.numel() - 1
+    rows = local_offsets.numel() - 1
     check_ids(ids, rows)
-    offsets = offsets.to(torch.int64)
-    start = offsets[ids]
-    length = offsets[ids + 1] - start
+    start = offsets_at(block_offsets, local_offsets, rows_per_block, ids)
+    length = offsets_at(block_offsets, local_offsets, rows_per_block, ids + 1) - start
     columns = torch.arange(d_max, device=ids.device)
     keep = columns < length[:, None]  # [B, d_max]
     out = torch.zeros(ids.numel(), d_max, dtype=torch.float32, device=ids.device)
@@ -72,7 +82,9 @@ def lookup(
 
 def pooled(
     values: torch.Tensor,
-    offsets: torch.Tensor,
+    block_offsets: torch.Tensor,
+    local_offsets: torch.Tensor,
+    rows_per_block: int,
     scale_bias: torch.Tensor | None,
     ids: torch.Tensor,
     bag_offsets: torch.Tensor,
@@ -88,6 +100,7 @@ def pooled(
     n_bags = bag_offsets.numel() - 1 if include_last_offset else bag_offsets.numel()
     if n_bags == 0:
         return torch.zeros(0, d_max, dtype=torch.float32, device=ids.device)
-    rows = lookup(values, offsets, scale_bias, ids, d_max, dtype)  # [n_ids, d_max], one per id, in order
+    # [n_ids, d_max], one row per id, in order
+    rows = lookup(values, block_offsets, local_offsets, rows_per_block, scale_bias, ids, d_max, dtype)
     positions = torch.arange(ids.numel(), device=ids.device)
     return F.embedding_bag(positions, rows, bag_offsets, mode=mode, include_last_offset=include_last_offset)
