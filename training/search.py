@@ -1,10 +1,12 @@
 """torchrun entry point of the CIESS search.
 
+    torchrun --nproc_per_node=N training/search.py --config configs/ctr-smoke.yaml [--resume]
     torchrun --nproc_per_node=1 training/search.py --config configs/smoke.yaml [--resume]
 
-Initialises the process group torchrun describes (gloo on CPU, NCCL on GPU) and runs the search; rank 0 writes
-the plans and the report. Multi-process sharding of the tables is the next stage of the project; per-row state
-is kept as row-indexed tensors so it shards by rows.
+Initialises the process group torchrun describes (gloo on CPU, NCCL on GPU). A config with ``task: ctr`` runs the
+sharded search over a CTR model's tables on every rank (``ciess_prod.distributed.search``); a user/item
+recommender config runs the single-process search (graph propagation needs every row; one process).
+Under ``torchrun --max-restarts=K`` a restarted group resumes from the last complete checkpoint by itself.
 """
 
 from __future__ import annotations
@@ -21,8 +23,36 @@ import torch.distributed as dist
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+import yaml  # noqa: E402
+
 from ciess_prod.config import load_yaml  # noqa: E402
+from ciess_prod.distributed.search import CTRSearchExperimentConfig, run_sharded_search  # noqa: E402
 from ciess_prod.search.search import SearchExperimentConfig, run_search  # noqa: E402
+
+
+def init_process_group(backend: str) -> None:
+    """The group torchrun describes, its store keys prefixed by the restart attempt.
+
+    After ``torchrun --max-restarts`` restarts a group, the store still holds the dead workers' gloo addresses;
+    without the prefix the new workers can read them and hang or fail to connect.
+    """
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    agent_store = os.environ.get("TORCHELASTIC_USE_AGENT_STORE", "").lower() == "true"
+    store = dist.TCPStore(
+        os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world,
+        is_master=not agent_store and rank == 0, use_libuv=True,
+    )
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    dist.init_process_group(backend, store=dist.PrefixStore(f"ciess/attempt{attempt}", store), rank=rank,
+                            world_size=world)
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -32,16 +62,36 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", force=True)
 
-    distributed = "WORLD_SIZE" in os.environ
+    raw = yaml.safe_load(Path(args.config).read_text()) or {}
+    ctr = isinstance(raw, dict) and raw.get("task") == "ctr"
+    distributed = "WORLD_SIZE" in os.environ or ctr
     if distributed:
-        dist.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo")
-        if dist.get_world_size() > 1:
-            raise SystemExit("training/search.py: multi-process sharding is not implemented yet; use one process")
+        if "WORLD_SIZE" not in os.environ:  # a CTR search started without torchrun: a group of one
+            os.environ.update(RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        if backend == "nccl":
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+        init_process_group(backend)
+        if not ctr and dist.get_world_size() > 1:
+            raise SystemExit(f"training/search.py: {args.config} is a user/item recommender search, which runs in "
+                             "one process; sharded multi-process search is for CTR configs (task: ctr)")
     try:
-        config = load_yaml(SearchExperimentConfig, args.config)
-        summary = run_search(config, base_dir=ROOT, resume=args.resume)
-        for budget, plan in summary.get("plans", {}).items():
-            print(f"c={budget}: {plan['path']} (achieved sparsity {plan['achieved_sparsity']:.4f})")
+        if ctr:
+            config = load_yaml(CTRSearchExperimentConfig, args.config)
+            restarted = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0
+            fail_at = os.environ.get("CIESS_FAIL_AT_STEP")  # fault-tolerance tests: SIGKILL on the first attempt
+            summary = run_sharded_search(
+                config,
+                base_dir=ROOT,
+                resume=args.resume or restarted,
+                fail_at_step=int(fail_at) if fail_at and not restarted and dist.get_rank() == 1 else None,
+            )
+        else:
+            config = load_yaml(SearchExperimentConfig, args.config)
+            summary = run_search(config, base_dir=ROOT, resume=args.resume)
+        if not distributed or dist.get_rank() == 0:
+            for budget, plan in summary.get("plans", {}).items():
+                print(f"c={budget}: {plan['path']} (achieved sparsity {plan['achieved_sparsity']:.4f})")
     finally:
         if distributed:
             dist.destroy_process_group()

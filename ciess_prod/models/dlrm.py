@@ -112,9 +112,21 @@ class DLRM(nn.Module):
     """Bottom MLP over dense features, one per-row-sized table per sparse feature, interaction, top MLP -> logit."""
 
     def __init__(
-        self, config: DLRMConfig, n_dense: int, table_sizes: Sequence[int], feature_names: Sequence[str]
+        self,
+        config: DLRMConfig,
+        n_dense: int,
+        table_sizes: Sequence[int],
+        feature_names: Sequence[str],
+        row_sizes: Literal["masked", "enforced"] = "masked",
     ) -> None:
+        """row_sizes: "masked" holds per-row sizes and masks looked-up rows (design (a), single process);
+        "enforced" holds none: the tables are built on the meta device for DistributedModelParallel to
+        materialise shard by shard, pooling is the EBC's own, and the caller keeps trailing columns zero
+        (``ciess_prod.distributed.rows.enforce_sizes``, design (b), what fused sharded kernels need)."""
         super().__init__()
+        if row_sizes not in ("masked", "enforced"):
+            raise ValueError(f"row_sizes must be 'masked' or 'enforced', got {row_sizes!r}")
+        self.row_size_mode = row_sizes
         if len(table_sizes) != len(feature_names) or not feature_names:
             raise ValueError(
                 f"table_sizes and feature_names must be non-empty and of equal length, "
@@ -138,13 +150,15 @@ class DLRM(nn.Module):
                     name=name, embedding_dim=config.d_max, num_embeddings=rows, feature_names=[f], pooling=pooling
                 )
                 for name, f, rows in zip(self.table_names, self.feature_names, table_sizes, strict=True)
-            ]
+            ],
+            device=torch.device("meta") if row_sizes == "enforced" else None,
         )
-        with torch.no_grad():
-            for name in self.table_names:
-                nn.init.normal_(self.table_weight(name), std=config.init_std)
-        for i, rows in enumerate(table_sizes):
-            self.register_buffer(f"sizes_{i}", torch.full((int(rows),), config.d_max, dtype=torch.int32))
+        if row_sizes == "masked":
+            with torch.no_grad():
+                for name in self.table_names:
+                    nn.init.normal_(self.table_weight(name), std=config.init_std)
+            for i, rows in enumerate(table_sizes):
+                self.register_buffer(f"sizes_{i}", torch.full((int(rows),), config.d_max, dtype=torch.int32))
 
         # Without dense features there is no bottom MLP and the interaction acts on the embeddings alone.
         self.bottom = _mlp([n_dense, *config.bottom_mlp], relu_last=True) if n_dense else None
@@ -176,6 +190,8 @@ class DLRM(nn.Module):
         return self.ebc.embedding_bags[self.table_names[self.table_index(table)]].weight
 
     def row_sizes(self, table: int | str) -> torch.Tensor:
+        if self.row_size_mode != "masked":
+            raise RuntimeError("this DLRM holds no sizes (row_sizes='enforced'): its caller enforces them")
         return getattr(self, f"sizes_{self.table_index(table)}")
 
     def set_row_sizes(self, table: int | str, sizes: torch.Tensor) -> None:
@@ -204,6 +220,11 @@ class DLRM(nn.Module):
 
     def embed(self, sparse: KeyedJaggedTensor) -> torch.Tensor:
         """Pooled embeddings [B, n_features, d_max] in ``feature_names`` order, each row cut to its size first."""
+        if self.row_size_mode == "enforced":
+            for feature, jt in sparse.to_dict().items():
+                check_ids(feature, jt.values(), self.table_rows[feature])
+            pooled = self.ebc(sparse).to_dict()  # a sharded EBC orders its keys by shard: key by feature
+            return torch.stack([pooled[f] for f in self.feature_names], dim=1)
         jagged = sparse.to_dict()
         d = self.config.d_max
         batch = sparse.stride()

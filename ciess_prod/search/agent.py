@@ -21,6 +21,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -211,8 +212,16 @@ class TD3Agent:
         return out
 
     # -------------------------------------------------------------------------------------------------- update
-    def update(self, buffer: ReplayBuffer) -> dict[str, float]:
+    def update(
+        self,
+        buffer: ReplayBuffer,
+        batch_size: int | None = None,
+        sync_grads: Callable[[nn.Module], None] | None = None,
+    ) -> dict[str, float]:
         """``updates_per_step`` TD3 updates on minibatches from ``buffer``.
+
+        A distributed search passes its per-rank ``batch_size`` and ``sync_grads``, called on each network after
+        backward and before the optimizer step (an all-reduce mean), so replicas stay identical.
 
         Returns:
             {} (and changes nothing) if the buffer holds < batch_size transitions; otherwise {"critic_loss": mean
@@ -220,12 +229,13 @@ class TD3Agent:
             when at least one actor step ran.
         """
         cfg = self.config
-        if len(buffer) < cfg.batch_size:
+        batch_size = batch_size or cfg.batch_size
+        if len(buffer) < batch_size:
             return {}
         critic_losses: list[Tensor] = []
         actor_losses: list[Tensor] = []
         for _ in range(cfg.updates_per_step):
-            batch = buffer.sample(cfg.batch_size)
+            batch = buffer.sample(batch_size)
             states, sizes, rewards, next_states, dones = (x.to(self.device) for x in batch)  # [B, 3], [B], ...
 
             with torch.no_grad():
@@ -244,6 +254,9 @@ class TD3Agent:
             )
             self.critic_optimizer.zero_grad(set_to_none=True)
             critic_loss.backward()
+            if sync_grads is not None:
+                sync_grads(self.qf1)
+                sync_grads(self.qf2)
             self.critic_optimizer.step()
             self.n_updates += 1
             critic_losses.append(critic_loss.detach())
@@ -252,6 +265,8 @@ class TD3Agent:
                 actor_loss = -self.qf1(states, self.actor(states)).mean()
                 self.actor_optimizer.zero_grad(set_to_none=True)
                 actor_loss.backward()
+                if sync_grads is not None:
+                    sync_grads(self.actor)
                 self.actor_optimizer.step()
                 self.critic_optimizer.zero_grad(set_to_none=True)  # drop the Q1 grads the actor loss left behind
                 self._soft_update()

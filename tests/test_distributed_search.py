@@ -1,0 +1,109 @@
+"""The sharded CTR search under torchrun: 1 vs 2 processes, every sharding type, kill-and-resume, checkpoints."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from ciess_prod.search import DimensionPlan
+
+ROOT = Path(__file__).resolve().parent.parent
+TINY = {
+    "task": "ctr",
+    "data": {
+        "source": "synthetic",
+        "synthetic": {"n_examples": 6000, "n_dense": 3, "table_sizes": [800, 200, 60], "bag_lengths": [1, 2, 3]},
+    },
+    "model": {"d_max": 32, "bottom_mlp": [16, 32], "top_mlp": [16]},
+    "sharding": {"default": "auto"},
+    "train": {"batch_size": 256, "reference_batches": 40, "final_batches": 40, "eval_batch": 2048},
+    "search": {
+        "budgets": [0.8, 0.9],
+        "episodes": 2,
+        "steps_per_episode": 3,
+        "top_l": 1,
+        "replay_bytes": 1 << 21,
+        "td3": {"batch_size": 128},
+        "environment": {"batches": 5},
+    },
+}
+
+
+def run(tmp_path: Path, name: str, nproc: int, extra_args=(), env_extra=None, **changes) -> Path:
+    config = json.loads(json.dumps(TINY))
+    for key, value in changes.items():
+        config[key] = {**config[key], **value}
+    out = tmp_path / name
+    config["output_dir"] = str(out)
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(config))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", **(env_extra or {})}
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+               *extra_args, str(ROOT / "training" / "search.py"), "--config", str(path)]
+    done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=900, cwd=ROOT)
+    assert done.returncode == 0, done.stderr[-5000:]
+    return out
+
+
+def plans(out: Path) -> dict[float, DimensionPlan]:
+    return {c: DimensionPlan.load(out / "plans" / f"c{c:.2f}") for c in TINY["search"]["budgets"]}
+
+
+@pytest.fixture(scope="module")
+def one_and_two(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("ctr")
+    return run(tmp, "one", 1), run(tmp, "two", 2)
+
+
+@pytest.mark.distributed
+def test_one_and_two_processes_agree_within_the_documented_tolerance(one_and_two):
+    one, two = one_and_two
+    s1, s2 = (json.loads((o / "search.json").read_text()) for o in (one, two))
+    # The same model: hashed initialisation, the same global batches; only float reduction order differs.
+    assert s2["reference_val_logloss"] == pytest.approx(s1["reference_val_logloss"], abs=1e-3)
+    for c, p1 in plans(one).items():
+        p2 = plans(two)[c]
+        assert set(p1.sizes) == set(p2.sizes) == {"t_f0", "t_f1", "t_f2"} or set(p1.sizes) == set(p2.sizes)
+        assert p1.fits_budget() and p2.fits_budget()
+        assert p2.achieved_sparsity == pytest.approx(p1.achieved_sparsity, abs=0.05)
+        assert p2.metrics["test"]["logloss"] == pytest.approx(p1.metrics["test"]["logloss"], rel=0.03)
+    assert s2["world_size"] == 2 and len(s2["peak_rss_mb_per_rank"]) == 2
+
+
+@pytest.mark.distributed
+def test_plans_have_the_single_process_format(one_and_two):
+    _, two = one_and_two
+    for c, plan in plans(two).items():
+        assert plan.model == "dlrm" and plan.target_sparsity == c
+        assert all(s.dtype == torch.int16 and int(s.min()) >= 1 for s in plan.sizes.values())
+        assert {"logloss", "auc"} <= set(plan.metrics["test"])
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("kind", ["table_wise", "row_wise", "column_wise", "table_row_wise"])
+def test_every_sharding_type_runs_the_search(kind, tmp_path):
+    out = run(tmp_path, kind, 2, sharding={"default": kind}, search={"episodes": 1})
+    summary = json.loads((out / "search.json").read_text())
+    assert set(summary["sharding"].values()) == {kind}
+    assert all(plan.fits_budget() for plan in plans(out).values())
+
+
+@pytest.mark.distributed
+def test_killed_rank_resumes_to_the_uninterrupted_plan(tmp_path, one_and_two):
+    """Rank 1 SIGKILLs itself after step 2 on the first attempt; torchrun restarts the group, which resumes."""
+    _, two = one_and_two
+    out = run(tmp_path, "killed", 2, extra_args=["--max-restarts=1"], env_extra={"CIESS_FAIL_AT_STEP": "2"})
+    for c, plan in plans(out).items():
+        reference = plans(two)[c]
+        for table in plan.sizes:
+            assert torch.equal(plan.sizes[table], reference.sizes[table]), (c, table)
+        assert plan.metrics == reference.metrics
+    history = json.loads((out / "history.json").read_text())["history"]
+    uninterrupted = json.loads((two / "history.json").read_text())["history"]
+    strip = lambda h: [{k: v for k, v in e.items() if k != "step_seconds"} for e in h]  # noqa: E731
+    assert strip(history) == strip(uninterrupted)
