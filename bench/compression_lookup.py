@@ -45,7 +45,6 @@ import logging
 import os
 import platform
 import statistics
-import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -57,6 +56,7 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
+from bench.ml1m_baselines import git_sha  # noqa: E402
 from ciess_prod.compress.ragged import FORMATS, RaggedEmbedding  # noqa: E402
 from ciess_prod.io import append_jsonl  # noqa: E402
 from ciess_prod.search.plan import DimensionPlan, budget_for  # noqa: E402
@@ -66,18 +66,6 @@ log = logging.getLogger("compression_lookup")
 RESULTS = ROOT / "bench" / "results" / "compression.jsonl"
 PLAN_CANDIDATES = (ROOT / "runs" / "ml1m-search" / "plans" / "c0.90", ROOT / "runs" / "smoke" / "plans" / "c0.90")
 FP32_RTOL, FP32_ATOL = 1e-6, 1e-5  # fp32 sums of the same values in another order
-
-
-def git_sha() -> str:
-    """The commit the code was loaded from (call at start-up), suffixed -dirty if code files differ from it."""
-    try:
-        sha = subprocess.check_output(["git", "rev-parse", "HEAD"], cwd=ROOT, text=True).strip()
-        changed = subprocess.check_output(
-            ["git", "status", "--porcelain", "--", "ciess_prod", "bench/*.py", "configs"], cwd=ROOT, text=True
-        )
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-    return sha + ("-dirty" if changed.strip() else "")
 
 
 def label(path: Path) -> str:

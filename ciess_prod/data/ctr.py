@@ -39,6 +39,7 @@ import numpy as np
 import pandas as pd
 
 from ciess_prod.data.errors import DataError
+from ciess_prod.data.loaders import require_file
 
 if TYPE_CHECKING:
     from torchrec import KeyedJaggedTensor
@@ -371,13 +372,7 @@ def _resolve_file(path: str | Path, candidates: tuple[str, ...], what: str) -> P
         else:
             present = sorted(p.name for p in path.iterdir())[:20]
             raise DataError(f"{path}: no {what} file found; looked for {list(candidates)}, found {present}")
-    if not path.exists():
-        raise DataError(f"{path}: no such file or directory")
-    if not path.is_file():
-        raise DataError(f"{path}: expected a file")
-    if path.stat().st_size == 0:
-        raise DataError(f"{path}: file is empty")
-    return path
+    return require_file(path)
 
 
 def _first_line(path: Path) -> str:

@@ -31,7 +31,7 @@ _CHUNK_BYTES = 1 << 22  # LightGCN files are parsed 4 MiB at a time to bound mem
 
 
 # ---------------------------------------------------------------------------------------------------- helpers
-def _require_file(path: Path) -> Path:
+def require_file(path: Path) -> Path:
     """Fail early, and by name, on a missing or empty file (pandas' own messages omit the path)."""
     if not path.exists():
         raise DataError(f"{path}: no such file or directory")
@@ -193,7 +193,7 @@ def _load_movielens(
     path = Path(path)
     if path.is_dir():
         path = _find_in_dir(path, (*members, "ratings.csv.gz", "ratings.csv"), label)
-    _require_file(path)
+    require_file(path)
     name = path.name.lower()
     if name.endswith(".zip"):
         return _with_handle(path, zip_member, parse)
@@ -256,7 +256,7 @@ def _parse_adjacency_block(block: bytes, source: str, first_line: int) -> tuple[
 
 def _read_adjacency_file(path: Path) -> tuple[np.ndarray, np.ndarray]:
     """Read a LightGCN ``train.txt``/``test.txt`` in line-aligned chunks so memory stays bounded."""
-    _require_file(path)
+    require_file(path)
     users: list[np.ndarray] = []  # one array per 4 MiB chunk, not per line
     items: list[np.ndarray] = []
     line = 1
@@ -342,7 +342,7 @@ def load_table(
     With ``min_rating``, only rows whose ``rating_col`` is at least that value are positives (explicit ratings
     turned into implicit feedback); without it every row is a positive.
     """
-    path = _require_file(Path(path))
+    path = require_file(Path(path))
     source = str(path)
     if min_rating is not None and rating_col is None:
         raise DataError(f"{source}: min_rating={min_rating} needs rating_col to name the rating column")
