@@ -107,3 +107,25 @@ def test_killed_rank_resumes_to_the_uninterrupted_plan(tmp_path, one_and_two):
     uninterrupted = json.loads((two / "history.json").read_text())["history"]
     strip = lambda h: [{k: v for k, v in e.items() if k != "step_seconds"} for e in h]  # noqa: E731
     assert strip(history) == strip(uninterrupted)
+
+
+@pytest.mark.distributed
+def test_paper_protocol_trains_each_step_from_scratch(tmp_path):
+    out = run(tmp_path, "paper", 1, search={"episodes": 1, "environment": {"protocol": "paper", "batches": 5}})
+    history = json.loads((out / "history.json").read_text())["history"]
+    summary = json.loads((out / "search.json").read_text())
+    # five batches from a fresh model score far worse than the trained reference they would warm-start from
+    assert min(h["val_logloss"] for h in history) > summary["reference_val_logloss"]
+    assert all(plan.fits_budget() for plan in plans(out).values())
+
+
+def test_auc_matches_pairwise_counting():
+    from ciess_prod.distributed.search import auc
+
+    g = torch.Generator().manual_seed(0)
+    scores = torch.randint(0, 5, (60,), generator=g).double()  # many ties
+    labels = (torch.rand(60, generator=g) < 0.4).double()
+    pos, neg = scores[labels > 0.5], scores[labels < 0.5]
+    pairs = (pos[:, None] > neg[None, :]).double() + 0.5 * (pos[:, None] == neg[None, :]).double()
+    assert auc(scores, labels) == pytest.approx(float(pairs.mean()), abs=1e-12)
+    assert auc(scores, torch.ones(60)) != auc(scores, torch.ones(60))  # NaN with one class
