@@ -65,7 +65,8 @@ def _cmd_compress(args: argparse.Namespace) -> int:
     manifest = compress(Path(args.plan), Path(args.checkpoint), args.dtype, Path(args.out))
     b = manifest["bytes"]
     print(
-        f"{args.out}: {manifest['model']['kind']} {args.dtype} tables {b['compressed_bytes']} bytes "
+        f"{args.out}: {manifest['model'].get('kind', manifest['architecture'])} {args.dtype} tables "
+        f"{b['compressed_bytes']} bytes "
         f"({b['compressed_bytes'] / b['dense_bytes']:.1%} of dense {b['dense_bytes']}, "
         f"{b['compressed_bytes'] / max(b['ideal_bytes'], 1):.3f}x ideal {b['ideal_bytes']})"
     )
@@ -78,7 +79,10 @@ def _cmd_export(args: argparse.Namespace) -> int:
 
     model = load_artifact(Path(args.artifact)).model
     path = export_onnx(model, Path(args.out), top_k=args.top_k)
-    print(f"{path}: {model.config.kind} {model.dtype} ONNX (users -> scores, top-{min(args.top_k, model.n_items)})")
+    if hasattr(model, "n_items"):
+        print(f"{path}: {model.config.kind} {model.dtype} ONNX (users -> scores, top-{min(args.top_k, model.n_items)})")
+    else:
+        print(f"{path}: dlrm {model.dtype} ONNX (dense features + id bags -> click probability)")
     return 0
 
 

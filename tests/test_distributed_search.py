@@ -129,3 +129,35 @@ def test_auc_matches_pairwise_counting():
     pairs = (pos[:, None] > neg[None, :]).double() + 0.5 * (pos[:, None] == neg[None, :]).double()
     assert auc(scores, labels) == pytest.approx(float(pairs.mean()), abs=1e-12)
     assert auc(scores, torch.ones(60)) != auc(scores, torch.ones(60))  # NaN with one class
+
+
+@pytest.mark.distributed
+def test_compress_and_export_the_sharded_search_model(one_and_two, tmp_path):
+    """plans/cX + models/cX of a 2-rank run -> artifact whose test log-loss is the plan's, -> ONNX."""
+    import onnxruntime as ort
+    import torch.nn.functional as F
+
+    from ciess_prod.cli import main
+    from ciess_prod.compress.artifact import load_artifact
+    from ciess_prod.config import from_dict
+    from ciess_prod.distributed.search import CTRSearchExperimentConfig, load_ctr_data
+
+    _, two = one_and_two
+    plan_dir, model_dir = two / "plans" / "c0.90", two / "models" / "c0.90"
+    assert main(["compress", "--plan", str(plan_dir), "--checkpoint", str(model_dir), "--dtype", "fp32",
+                 "--out", str(tmp_path / "art")]) == 0
+    plan = DimensionPlan.load(plan_dir)
+    config = from_dict(CTRSearchExperimentConfig, plan.config)
+    data = load_ctr_data(config.data, ROOT)
+    _, _, test = data.split_indices(config.data.split, config.data.split_seed)
+    batch = data.batch(test)
+    model = load_artifact(tmp_path / "art").model
+    logits = model(batch["dense"], batch["sparse"])
+    loss = F.binary_cross_entropy_with_logits(logits, batch["labels"]).item()
+    assert loss == pytest.approx(plan.metrics["test"]["logloss"], abs=1e-5)
+    assert main(["export", "--artifact", str(tmp_path / "art"), "--out", str(tmp_path / "m.onnx")]) == 0
+    feeds = {"dense": batch["dense"].numpy()}
+    for f, jt in batch["sparse"].to_dict().items():
+        feeds[f"{f}.ids"], feeds[f"{f}.offsets"] = jt.values().numpy(), jt.offsets().long().numpy()
+    (onnx_logits,) = ort.InferenceSession(str(tmp_path / "m.onnx")).run(["logits"], feeds)
+    torch.testing.assert_close(torch.from_numpy(onnx_logits), logits, rtol=0, atol=1e-5)

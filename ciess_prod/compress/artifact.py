@@ -6,8 +6,12 @@ Layout (no pickle anywhere; written into a temporary directory and renamed when 
                          byte totals, plan and checkpoint provenance, sha256 and length of every other file
     tables.safetensors   per table ``{name}.values``, ``{name}.block_offsets``, ``{name}.local_offsets`` (+
                          ``{name}.scale_bias`` for int8/int4): the ``RaggedEmbedding`` state
-    dense.safetensors    the dense head's weights as ``head.*`` and, for graph models, the normalised adjacency as
-                         ``graph.indptr`` / ``graph.indices`` / ``graph.data`` (absent when the model has neither)
+    dense.safetensors    the dense head's weights as ``head.*`` (NeuMF's head, NGCF's layers, a DLRM's MLPs) and,
+                         for graph models, the normalised adjacency as ``graph.indptr`` / ``graph.indices`` /
+                         ``graph.data`` (absent when the model has neither)
+
+``manifest["architecture"]`` is ``recommender`` (user/item models: ``n_users``, ``n_items``) or ``dlrm`` (CTR:
+``n_dense``, ``feature_names``; tables ``t_<feature>``).
 
 ``load_artifact`` re-validates everything (schema version, file set, checksums, tensor names, shapes, dtypes,
 layouts) and raises ``ArtifactError`` naming the file and the problem.
@@ -27,11 +31,13 @@ import safetensors.torch
 import torch
 
 from ciess_prod import __version__
+from ciess_prod.compress.ctr_model import CompressedDLRM
 from ciess_prod.compress.model import TABLES, CompressedRecommender, build_head, graph_arrays, graph_from_arrays
 from ciess_prod.compress.ragged import STATE_SCHEMA, RaggedEmbedding
 from ciess_prod.config import ConfigError, from_dict, to_dict
 from ciess_prod.io import atomic_directory, sha256_file, write_json_atomic
 from ciess_prod.models import ModelConfig
+from ciess_prod.models.dlrm import DLRMConfig
 
 ARTIFACT_SCHEMA = "ciess-prod/artifact/v1"
 MANIFEST = "manifest.json"
@@ -45,7 +51,7 @@ class ArtifactError(ValueError):
 
 @dataclass
 class Artifact:
-    model: CompressedRecommender
+    model: CompressedRecommender | CompressedDLRM
     manifest: dict[str, Any]
 
 
@@ -55,14 +61,31 @@ def size_histogram(sizes: torch.Tensor, d_max: int) -> dict[str, int]:
     return {str(d): int(n) for d, n in enumerate(counts.tolist()) if n}
 
 
-def save_artifact(model: CompressedRecommender, out: Path, provenance: dict[str, Any]) -> dict[str, Any]:
+CompressedModel = CompressedRecommender | CompressedDLRM
+
+
+def _architecture(model: CompressedModel) -> dict[str, Any]:
+    """What rebuilds the model besides its tables: kind-specific manifest fields and dense tensors."""
+    if isinstance(model, CompressedDLRM):
+        head = {f"head.{k}": v for k, v in model.head_state().items()}
+        return {"fields": {"architecture": "dlrm", "n_dense": model.n_dense, "feature_names": model.feature_names},
+                "dense": head}
+    dense = {}
+    if model.head is not None:
+        dense.update({f"head.{k}": v for k, v in model.head.state_dict().items()})
+    if model.adjacency is not None:
+        dense.update({f"graph.{k}": torch.from_numpy(v) for k, v in graph_arrays(model.adjacency).items()})
+    return {"fields": {"architecture": "recommender", "n_users": model.n_users, "n_items": model.n_items},
+            "dense": dense}
+
+
+def save_artifact(model: CompressedModel, out: Path, provenance: dict[str, Any]) -> dict[str, Any]:
     """Writes ``model`` to the directory ``out`` (replacing it whole); returns the manifest."""
     tables, table_info = {}, {}
     for name, table in model.tables.items():
         for key, tensor in table.state_tensors().items():
             tables[f"{name}.{key}"] = tensor.detach().cpu().contiguous().clone()
         table_info[name] = {
-            "side": TABLES[model.config.kind][name],
             "rows": table.num_rows,
             "state": table.meta(),
             "size_histogram": size_histogram(table.sizes, table.d_max),
@@ -70,16 +93,12 @@ def save_artifact(model: CompressedRecommender, out: Path, provenance: dict[str,
             "ideal_bytes": table.ideal_bytes(),
             "dense_bytes": table.dense_bytes(),
         }
-    dense = {}
-    if model.head is not None:
-        dense.update({f"head.{k}": v.detach().cpu().contiguous().clone() for k, v in model.head.state_dict().items()})
-    if model.adjacency is not None:
-        dense.update({f"graph.{k}": torch.from_numpy(v) for k, v in graph_arrays(model.adjacency).items()})
+    parts = _architecture(model)
+    dense = {k: v.detach().cpu().contiguous().clone() for k, v in parts["dense"].items()}
     manifest: dict[str, Any] = {
         "schema": ARTIFACT_SCHEMA,
+        **parts["fields"],
         "model": to_dict(model.config),
-        "n_users": model.n_users,
-        "n_items": model.n_items,
         "dtype": model.dtype,
         "tables": table_info,
         "bytes": model.nbytes(),
@@ -112,7 +131,11 @@ def _read_manifest(directory: Path) -> dict[str, Any]:
         raise ArtifactError(
             f"{path}: schema version mismatch: found {manifest.get('schema')!r}, expected {ARTIFACT_SCHEMA!r}"
         )
-    required = ("model", "n_users", "n_items", "dtype", "tables", "files")
+    if manifest.get("architecture") not in ("recommender", "dlrm"):
+        found = manifest.get("architecture")
+        raise ArtifactError(f"{path}: architecture must be 'recommender' or 'dlrm', got {found!r}")
+    counts = ("n_users", "n_items") if manifest["architecture"] == "recommender" else ("n_dense", "feature_names")
+    required = ("model", "dtype", "tables", "files", *counts)
     missing = [k for k in required if k not in manifest]
     if missing:
         raise ArtifactError(f"{path}: missing keys {missing}")
@@ -137,27 +160,12 @@ def _load_tensors(directory: Path, manifest: dict[str, Any], name: str) -> dict[
         raise ArtifactError(f"{path}: unreadable safetensors file ({exc})") from exc
 
 
-def load_artifact(directory: str | Path) -> Artifact:
-    """Loads and fully validates an artifact written by ``save_artifact``."""
-    directory = Path(directory)
-    manifest = _read_manifest(directory)
-    where = f"{directory / MANIFEST}"
-    try:
-        config = from_dict(ModelConfig, manifest["model"], where=f"{where} model")
-    except (ConfigError, TypeError, ValueError) as exc:
-        raise ArtifactError(f"{where}: model config unusable: {exc}") from exc
-    n_users, n_items = manifest["n_users"], manifest["n_items"]
-    if not all(isinstance(n, int) and not isinstance(n, bool) and n > 0 for n in (n_users, n_items)):
-        raise ArtifactError(f"{where}: n_users/n_items must be positive integers")
-    expected_files = {TABLES_FILE} | ({DENSE_FILE} if config.kind in ("neumf", "ngcf", "lightgcn") else set())
-    if not isinstance(manifest["files"], dict) or set(manifest["files"]) != expected_files:
-        raise ArtifactError(f"{where}: lists files {sorted(manifest['files'])}, a {config.kind} artifact has "
-                            f"{sorted(expected_files)}")
-
+def _load_tables(directory: Path, manifest: dict[str, Any], names: list[str]) -> dict[str, RaggedEmbedding]:
+    """Every listed table from tables.safetensors, each validated against its manifest entry."""
+    where = directory / MANIFEST
     stored = _load_tensors(directory, manifest, TABLES_FILE)
-    names = TABLES[config.kind]
     if not isinstance(manifest["tables"], dict) or set(manifest["tables"]) != set(names):
-        raise ArtifactError(f"{where}: tables {sorted(manifest['tables'])}, a {config.kind} model has {sorted(names)}")
+        raise ArtifactError(f"{where}: tables {sorted(manifest['tables'])}, the model has {sorted(names)}")
     tables, used = {}, set()
     for name in names:
         info = manifest["tables"][name]
@@ -173,6 +181,56 @@ def load_artifact(directory: str | Path) -> Artifact:
             raise ArtifactError(f"{directory / TABLES_FILE}: table {name}: {exc}") from exc
     if used != set(stored):
         raise ArtifactError(f"{directory / TABLES_FILE}: unexpected tensors {sorted(set(stored) - used)}")
+    return tables
+
+
+def _check_files(directory: Path, manifest: dict[str, Any], expected: set[str], what: str) -> None:
+    if not isinstance(manifest["files"], dict) or set(manifest["files"]) != expected:
+        raise ArtifactError(
+            f"{directory / MANIFEST}: lists files {sorted(manifest['files'])}, a {what} artifact has {sorted(expected)}"
+        )
+
+
+def _load_dlrm(directory: Path, manifest: dict[str, Any]) -> CompressedDLRM:
+    where = directory / MANIFEST
+    try:
+        config = from_dict(DLRMConfig, manifest["model"], where=f"{where} model")
+    except (ConfigError, TypeError, ValueError) as exc:
+        raise ArtifactError(f"{where}: model config unusable: {exc}") from exc
+    features, n_dense = manifest["feature_names"], manifest["n_dense"]
+    if not isinstance(features, list) or not features or not all(isinstance(f, str) for f in features):
+        raise ArtifactError(f"{where}: feature_names must be a non-empty list of strings")
+    if isinstance(n_dense, bool) or not isinstance(n_dense, int) or n_dense < 0:
+        raise ArtifactError(f"{where}: n_dense must be an integer >= 0")
+    _check_files(directory, manifest, {TABLES_FILE, DENSE_FILE}, "dlrm")
+    tables = _load_tables(directory, manifest, [f"t_{f}" for f in features])
+    dense = _load_tensors(directory, manifest, DENSE_FILE)
+    strays = sorted(k for k in dense if not k.startswith("head."))
+    if strays:
+        raise ArtifactError(f"{directory / DENSE_FILE}: unexpected tensors {strays}")
+    try:
+        return CompressedDLRM(config, n_dense, features, tables, {k[len("head.") :]: v for k, v in dense.items()})
+    except (ValueError, RuntimeError) as exc:
+        raise ArtifactError(f"{directory}: {exc}") from exc
+
+
+def load_artifact(directory: str | Path) -> Artifact:
+    """Loads and fully validates an artifact written by ``save_artifact``."""
+    directory = Path(directory)
+    manifest = _read_manifest(directory)
+    if manifest["architecture"] == "dlrm":
+        return Artifact(_load_dlrm(directory, manifest), manifest)
+    where = f"{directory / MANIFEST}"
+    try:
+        config = from_dict(ModelConfig, manifest["model"], where=f"{where} model")
+    except (ConfigError, TypeError, ValueError) as exc:
+        raise ArtifactError(f"{where}: model config unusable: {exc}") from exc
+    n_users, n_items = manifest["n_users"], manifest["n_items"]
+    if not all(isinstance(n, int) and not isinstance(n, bool) and n > 0 for n in (n_users, n_items)):
+        raise ArtifactError(f"{where}: n_users/n_items must be positive integers")
+    expected_files = {TABLES_FILE} | ({DENSE_FILE} if config.kind in ("neumf", "ngcf", "lightgcn") else set())
+    _check_files(directory, manifest, expected_files, config.kind)
+    tables = _load_tables(directory, manifest, list(TABLES[config.kind]))
 
     head, adjacency = build_head(config), None
     dense = _load_tensors(directory, manifest, DENSE_FILE) if DENSE_FILE in expected_files else {}

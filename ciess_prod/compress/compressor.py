@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 from typing import Any
@@ -9,11 +10,13 @@ from typing import Any
 import torch
 
 from ciess_prod.compress.artifact import save_artifact
+from ciess_prod.compress.ctr_model import CompressedDLRM
 from ciess_prod.compress.model import CompressedRecommender
 from ciess_prod.compress.ragged import RaggedDtype
 from ciess_prod.experiment import load_trained_model
 from ciess_prod.io import sha256_file
 from ciess_prod.search.plan import MANIFEST_NAME, DimensionPlan, PlanError
+from ciess_prod.train.checkpoint import load_trained_dlrm
 
 log = logging.getLogger(__name__)
 
@@ -27,7 +30,7 @@ def check_plan_matches(plan: DimensionPlan, model_sizes: dict[str, torch.Tensor]
     if plan.d_max != d_max:
         raise PlanError(f"plan d_max {plan.d_max} differs from the checkpoint model's {d_max}")
     if set(plan.sizes) != set(model_sizes):
-        raise PlanError(f"plan tables {sorted(plan.sizes)} differ from the model's sides {sorted(model_sizes)}")
+        raise PlanError(f"plan tables {sorted(plan.sizes)} differ from the model's {sorted(model_sizes)}")
     for side, sizes in model_sizes.items():
         differ = int((plan.sizes[side].to(torch.int64) != sizes.to(torch.int64)).sum())
         if differ:
@@ -37,16 +40,35 @@ def check_plan_matches(plan: DimensionPlan, model_sizes: dict[str, torch.Tensor]
             )
 
 
+def _is_ctr_checkpoint(path: Path) -> bool:
+    try:
+        return json.loads((Path(path) / "checkpoint.json").read_text()).get("task") == "ctr"
+    except (OSError, json.JSONDecodeError, AttributeError):
+        return False  # load_trained_model reports what is wrong with it
+
+
 def compress(
     plan_dir: Path, checkpoint_dir: Path, dtype: RaggedDtype, out: Path, base_dir: Path | None = None
 ) -> dict[str, Any]:
-    """Writes the artifact of the checkpoint's model at the plan's sizes; returns its manifest."""
+    """Writes the artifact of the checkpoint's model at the plan's sizes; returns its manifest.
+
+    The checkpoint is a user/item recommender (``ciess train``, a search's ``models/cX.XX``) or a DLRM written by
+    the sharded CTR search (``models/cX.XX``, ``task: ctr``).
+    """
     plan = DimensionPlan.load(plan_dir)
-    trained = load_trained_model(checkpoint_dir, base_dir)
-    model = trained.model
-    sizes = {side: model.row_sizes(side) for side in ("user", "item")}
-    check_plan_matches(plan, sizes, trained.meta["metrics"]["dataset_fingerprint"], model.config.d_max)
-    compressed = CompressedRecommender.from_model(model, dtype)
+    if _is_ctr_checkpoint(checkpoint_dir):
+        dlrm, meta = load_trained_dlrm(checkpoint_dir)
+        sizes = {name: dlrm.row_sizes(i) for i, name in enumerate(dlrm.table_names)}
+        check_plan_matches(plan, sizes, meta["metrics"]["dataset_fingerprint"], dlrm.config.d_max)
+        compressed = CompressedDLRM.from_model(dlrm, dtype)
+        trained_on = "train"
+    else:
+        trained = load_trained_model(checkpoint_dir, base_dir)
+        model, meta = trained.model, trained.meta
+        sizes = {side: model.row_sizes(side) for side in ("user", "item")}
+        check_plan_matches(plan, sizes, meta["metrics"]["dataset_fingerprint"], model.config.d_max)
+        compressed = CompressedRecommender.from_model(model, dtype)
+        trained_on = "train+val" if trained.config.protocol == "final" else "train"
     provenance = {
         "plan": {
             "path": str(plan_dir),
@@ -57,9 +79,9 @@ def compress(
         },
         "checkpoint": {
             "path": str(checkpoint_dir),
-            "tensors_sha256": trained.meta["tensors_sha256"],
-            "dataset_fingerprint": trained.meta["metrics"]["dataset_fingerprint"],
-            "trained_on": "train+val" if trained.config.protocol == "final" else "train",
+            "tensors_sha256": meta["tensors_sha256"],
+            "dataset_fingerprint": meta["metrics"]["dataset_fingerprint"],
+            "trained_on": trained_on,
         },
     }
     manifest = save_artifact(compressed, out, provenance)

@@ -57,6 +57,7 @@ from ciess_prod.search.buffer import ReplayBuffer
 from ciess_prod.search.exploration import Explorer
 from ciess_prod.search.plan import DimensionPlan, repair_to_budget
 from ciess_prod.search.search import SearchConfig, build_states
+from ciess_prod.train.checkpoint import save_checkpoint
 
 log = logging.getLogger(__name__)
 EBC = "ebc"  # the DLRM's EmbeddingBagCollection attribute
@@ -212,18 +213,46 @@ class ShardedEnvironment:
         self._zero_fused_state()
 
     def snapshot_reference(self) -> None:
-        self.reference = {
+        self.reference = self.snapshot()
+
+    def reset_to_reference(self) -> None:
+        self.restore(self.reference)
+        self._zero_fused_state()
+
+    def snapshot(self) -> dict[str, Any]:
+        """This rank's weights (local shards and dense part), to restore later."""
+        return {
             "shards": {t: [s.weight.detach().clone() for s in parts] for t, parts in self.shards.items()},
             "dense": self._dense_state(),
         }
 
-    def reset_to_reference(self) -> None:
+    def restore(self, snapshot: dict[str, Any]) -> None:
         with torch.no_grad():
             for t, parts in self.shards.items():
-                for shard, saved in zip(parts, self.reference["shards"][t], strict=True):
+                for shard, saved in zip(parts, snapshot["shards"][t], strict=True):
                     shard.weight.copy_(saved)
-        self._load_dense(self.reference["dense"])
-        self._zero_fused_state()
+        self._load_dense(snapshot["dense"])
+
+    def gather_state(self, sizes: dict[str, torch.Tensor]) -> dict[str, torch.Tensor] | None:
+        """Rank 0: the state dict of a single-process masked DLRM with these weights and ``sizes``; else None.
+
+        Collective. Every table is assembled whole on rank 0 from the ranks' shards: this is the export step.
+        """
+        pieces = {t: [(s.row_offset, s.col_offset, s.weight.detach().clone()) for s in parts]
+                  for t, parts in self.shards.items()}
+        gathered: list[Any] = [None] * dist.get_world_size()
+        dist.gather_object(pieces, gathered if dist.get_rank() == 0 else None, dst=0)
+        if dist.get_rank() != 0:
+            return None
+        state = self._dense_state()
+        for i, t in enumerate(self.tables):
+            full = torch.zeros(self.layouts[t].rows, self.config.model.d_max)
+            for rank_pieces in gathered:
+                for row, col, weight in rank_pieces[t]:
+                    full[row : row + weight.shape[0], col : col + weight.shape[1]] = weight
+            state[f"ebc.embedding_bags.{t}.weight"] = full
+            state[f"sizes_{i}"] = sizes[t].to(torch.int32)
+        return state
 
     def _dense_state(self) -> dict[str, torch.Tensor]:
         return {k: v.detach().clone() for k, v in self.model.state_dict().items() if ".embedding_bags." not in k}
@@ -485,8 +514,9 @@ def run_sharded_search(
 
     plans = {}
     for c in search.budgets:
-        plans[c] = choose_plan(config, env, kept, state, c, dataset)
-        if rank == 0:
+        plans[c], model_state = choose_plan(config, env, kept, state, c, dataset)
+        if rank == 0:  # the model first: a saved plan implies its model
+            save_checkpoint(out / "models" / f"c{c:.2f}", model_state, model_meta(config, dataset, plans[c]))
             plans[c].save(out / "plans" / f"c{c:.2f}")
     peak: list[Any] = [None] * world
     dist.all_gather_object(peak, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
@@ -499,7 +529,8 @@ def run_sharded_search(
         "peak_rss_mb_per_rank": peak,
         "search_seconds": search_seconds,
         "total_seconds": time.perf_counter() - started,
-        "plans": {f"{c:.2f}": {"path": str(out / "plans" / f"c{c:.2f}"), "achieved_sparsity": p.achieved_sparsity,
+        "plans": {f"{c:.2f}": {"path": str(out / "plans" / f"c{c:.2f}"), "model": str(out / "models" / f"c{c:.2f}"),
+                               "achieved_sparsity": p.achieved_sparsity,
                                "repaired": p.repaired, **p.metrics} for c, p in plans.items()},
     }
     if rank == 0:
@@ -550,8 +581,12 @@ def choose_plan(
     state: RankState,
     c: float,
     dataset: CTRDataset,
-) -> DimensionPlan:
-    """Retrains the budget's candidates from a fresh model, keeps the best validation log-loss, tests it."""
+) -> tuple[DimensionPlan, dict[str, torch.Tensor] | None]:
+    """Retrains the budget's candidates from a fresh model, keeps the best validation log-loss, tests it.
+
+    Returns the plan and, on rank 0, the state dict of a single-process (masked) DLRM holding that model
+    (gathered whole: the export the compressor reads); None on other ranks.
+    """
     d_max = config.model.d_max
     candidates, repaired = state.best[c], False
     if not candidates:  # nothing visited fits: the documented order-keeping repair of the sparsest, over ALL rows
@@ -563,10 +598,11 @@ def choose_plan(
     for candidate in candidates:
         val, test = retrain_and_score(config, env, kept, candidate.sizes)
         if best is None or val["logloss"] < best[1]["logloss"]:
-            best = (candidate, val, test)
-    candidate, val, test = best
+            best = (candidate, val, test, env.snapshot())
+    candidate, val, test, weights = best
+    env.restore(weights)
     sizes = gather_sizes(kept, candidate.sizes, env.tables, dataset.table_sizes)
-    return DimensionPlan(
+    plan = DimensionPlan(
         sizes=sizes,
         d_max=d_max,
         model="dlrm",
@@ -577,6 +613,20 @@ def choose_plan(
         config=to_dict(config),
         repaired=repaired,
     )
+    return plan, env.gather_state(sizes)
+
+
+def model_meta(config: CTRSearchExperimentConfig, dataset: CTRDataset, plan: DimensionPlan) -> dict[str, Any]:
+    """What ``load_trained_dlrm`` rebuilds the model from, plus provenance."""
+    return {
+        "task": "ctr",
+        "config": to_dict(config),
+        "n_dense": dataset.n_dense,
+        "feature_names": list(dataset.feature_names),
+        "table_sizes": [int(n) for n in dataset.table_sizes],
+        "metrics": {"dataset_fingerprint": dataset.fingerprint, **plan.metrics},
+        "plan_target_sparsity": plan.target_sparsity,
+    }
 
 
 def retrain_and_score(

@@ -205,7 +205,7 @@ class DLRM(nn.Module):
         return masked_table(self.table_weight(table), self.row_sizes(table))
 
     # ---- forward -------------------------------------------------------------------------------------------
-    def _check_inputs(self, dense: torch.Tensor, sparse: KeyedJaggedTensor) -> None:
+    def check_inputs(self, dense: torch.Tensor, sparse: KeyedJaggedTensor) -> None:
         if dense.dim() != 2 or dense.shape[1] != self.n_dense:
             raise ValueError(f"dense: expected shape [B, {self.n_dense}], got {list(dense.shape)}")
         keys = sparse.keys()
@@ -253,9 +253,13 @@ class DLRM(nn.Module):
 
     def forward(self, dense: torch.Tensor, sparse: KeyedJaggedTensor) -> torch.Tensor:
         """Logits [B] from dense features [B, n_dense] and one bag of ids per example and feature."""
-        self._check_inputs(dense, sparse)
+        self.check_inputs(dense, sparse)
+        return self.head(dense, self.embed(sparse))
+
+    def head(self, dense: torch.Tensor, embedded: torch.Tensor) -> torch.Tensor:
+        """Everything after the tables: logits [B] from dense features and pooled embeddings [B, F, d_max]."""
         bottom = self.bottom(dense) if self.bottom is not None else None
-        return self.top(self.interact(bottom, self.embed(sparse))).squeeze(1)
+        return self.top(self.interact(bottom, embedded)).squeeze(1)
 
     def predict_proba(self, dense: torch.Tensor, sparse: KeyedJaggedTensor) -> torch.Tensor:
         """Click probabilities [B]."""
