@@ -113,10 +113,15 @@ def hashed_normal(seed: int, table: int, rows: torch.Tensor, cols: torch.Tensor)
 
 
 @torch.no_grad()
-def init_shards(shards: dict[str, list[LocalShard]], table_ids: dict[str, int], std: float, seed: int) -> None:
-    """Writes N(0, std^2) hashed values into every local shard (see ``hashed_normal``)."""
+def init_shards(
+    shards: dict[str, list[LocalShard]], table_ids: dict[str, int], std: float, seed: int, chunk_rows: int = 1 << 15
+) -> None:
+    """Writes N(0, std^2) hashed values into every local shard (see ``hashed_normal``), ``chunk_rows`` rows at a
+    time: the hash's int64/float64 temporaries are ~10x the values they make, so chunks bound the peak memory."""
     for table, parts in shards.items():
         for shard in parts:
-            rows = torch.arange(shard.row_offset, shard.row_offset + shard.rows)
             cols = torch.arange(shard.col_offset, shard.col_offset + shard.weight.shape[1])
-            shard.weight.copy_(hashed_normal(seed, table_ids[table], rows, cols) * std)
+            for lo in range(0, shard.rows, chunk_rows):
+                hi = min(lo + chunk_rows, shard.rows)
+                rows = torch.arange(shard.row_offset + lo, shard.row_offset + hi)
+                shard.weight[lo:hi] = hashed_normal(seed, table_ids[table], rows, cols) * std
