@@ -1,8 +1,8 @@
 """Prints the results files as markdown tables (for docs/benchmarks.md): ML-1M quality with ratios to the paper,
-and the RL step timings.
+the RL step timings, the compressed tables' memory and lookup speed, and the sharded search's scaling.
 
-    python bench/summarize.py ml1m
-    python bench/summarize.py rl
+    python bench/summarize.py ml1m | rl | memory | lookup | scaling
+    python bench/summarize.py --update-docs
 """
 
 from __future__ import annotations
@@ -66,7 +66,41 @@ def rl_table() -> None:
               f"{r.get('load_avg_1m', float('nan')):.1f} | {r['git_sha'][:7]} |")
 
 
-TABLES = {"ml1m": ml1m_table, "rl": rl_table}
+def memory_table() -> None:
+    print("| dataset | model | c | dtype | compressed bytes | ideal bytes | dense bytes | compressed / ideal | R@20 "
+          "| N@20 | change R@20 / N@20 vs fp32 | git |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    for r in read("compression.jsonl"):
+        if r["kind"] == "memory":
+            print(f"| {r['dataset']} | {r['model']} | {r['target_sparsity']} | {r['dtype']} | "
+                  f"{r['compressed_bytes']:,} | {r['ideal_bytes']:,} | {r['dense_bytes']:,} | "
+                  f"{r['compressed_over_ideal']:.3f} | "
+                  f"{r['recall@20']:.4f} | {r['ndcg@20']:.4f} | {r['recall@20_change']:+.4f} / "
+                  f"{r['ndcg@20_change']:+.4f} | {r['git_sha'][:7]} |")
+
+
+def lookup_table() -> None:
+    print("| c | dtype | pooling | rows | batch | compressed lookups/s | dense TBE lookups/s | speedup | "
+          "compressed MiB | dense MiB | plan | load avg | git |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    for r in read("compression.jsonl"):
+        if r["kind"] == "lookup":
+            print(f"| {r['target_sparsity']} | {r['dtype']} | {r['pooling']} | {r['rows']:,} | {r['batch']} | "
+                  f"{r['lookups_per_s']:,.0f} | {r['dense_lookups_per_s']:,.0f} | {r['speedup']:.2f}x | "
+                  f"{r['compressed_bytes'] / 2**20:.1f} | {r['dense_bytes'] / 2**20:.1f} | {r.get('plan', '-')} | "
+                  f"{r.get('load_avg_1m', float('nan')):.1f} | {r['git_sha'][:7]} |")
+
+
+def scaling_table() -> None:
+    print("| rows | ranks | backend | sharding | step s | peak RSS MB per rank | load avg | git |")
+    print("|---|---|---|---|---|---|---|---|")
+    for r in read("scaling.jsonl"):
+        print(f"| {r['rows']:,} | {r['ranks']} | {r['backend']} | {r['sharding']} | {r['step_seconds']:.2f} | "
+              f"{', '.join(f'{x:.0f}' for x in r['peak_rss_mb_per_rank'])} | {r.get('load_avg_1m', float('nan')):.1f} "
+              f"| {r['git_sha'][:7]} |")
+
+
+TABLES = {"ml1m": ml1m_table, "rl": rl_table, "memory": memory_table, "lookup": lookup_table, "scaling": scaling_table}
 
 
 def update_docs(path: Path = ROOT / "docs" / "benchmarks.md") -> None:
