@@ -123,10 +123,15 @@ def test_config_validation_names_the_problem(data, message):
 
 
 def test_committed_configs_load():
+    from ciess_prod.distributed.search import CTRSearchExperimentConfig
     from ciess_prod.search.search import SearchExperimentConfig
 
     for path in sorted(Path(__file__).resolve().parent.parent.glob("configs/*.yaml")):
-        kind = SearchExperimentConfig if "search" in yaml.safe_load(path.read_text()) else ExperimentConfig
+        raw = yaml.safe_load(path.read_text())
+        if raw.get("task") == "ctr":
+            kind = CTRSearchExperimentConfig
+        else:
+            kind = SearchExperimentConfig if "search" in raw else ExperimentConfig
         assert isinstance(load_yaml(kind, path), kind), path
 
 
