@@ -10,7 +10,8 @@ directory -> load) and scores the loaded model on the test split under the searc
 
 Bytes: ``compressed_bytes`` is everything the ragged tables hold (values, row offsets, scales/biases, padding);
 ``ideal_bytes`` is sum(d_n) values at the dtype's width; ``dense_bytes`` the fp32 N x d_max tables they replace.
-The metric deltas are against the fp32 masked model's own test metrics stored in the plan.
+The metric deltas are against the fp32 masked model's own test metrics stored in the plan; the table errors compare
+every stored value (dequantised) with the trained model's masked fp32 tables.
 """
 
 from __future__ import annotations
@@ -21,6 +22,8 @@ import logging
 import sys
 import tempfile
 from pathlib import Path
+
+import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -50,6 +53,10 @@ def measure(plan_dir: Path, model_dir: Path, dtype: str, work: Path, base_dir: P
     trained = load_trained_model(model_dir, base_dir)  # the dataset as the model was trained (final protocol)
     model = load_artifact(work / f"{plan_dir.name}-{dtype}").model
     test = split_metrics(model, trained.dataset, "test", trained.config.train.eval_chunk)
+    with torch.no_grad():  # the lookup error of this dtype: every stored value against the masked fp32 tables
+        errors = torch.cat([(model.tables[name].to_dense() - trained.model.masked_table(name)).flatten()
+                            for name in trained.model.tables])
+        values = torch.cat([trained.model.masked_table(name).flatten() for name in trained.model.tables])
     reference = plan.metrics["test"]
     b = manifest["bytes"]
     return {
@@ -66,6 +73,9 @@ def measure(plan_dir: Path, model_dir: Path, dtype: str, work: Path, base_dir: P
         "artifact_file_bytes": sum(f["bytes"] for f in manifest["files"].values()),
         "head_bytes": b["head_bytes"],
         "graph_bytes": b["graph_bytes"],
+        "table_max_abs_error": float(errors.abs().max()),
+        "table_rms_error": float(errors.square().mean().sqrt()),
+        "table_rms_value": float(values.square().mean().sqrt()),
         "recall@20": test["recall@20"],
         "ndcg@20": test["ndcg@20"],
         "recall@20_change": test["recall@20"] - reference["recall@20"],

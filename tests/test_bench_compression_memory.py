@@ -22,3 +22,6 @@ def test_memory_rows_per_plan_and_dtype(tmp_path, one_torch_thread):
         assert r["compressed_over_ideal"] == round(r["compressed_bytes"] / r["ideal_bytes"], 4)
         if r["dtype"] == "fp32":  # the artifact scores exactly like the model the plan was tested with
             assert r["recall@20_change"] == 0.0 and r["ndcg@20_change"] == 0.0
+            assert r["table_max_abs_error"] == 0.0
+        else:
+            assert 0 < r["table_rms_error"] < r["table_rms_value"]
