@@ -67,14 +67,14 @@ def rl_table() -> None:
 
 
 def memory_table() -> None:
-    print("| dataset | model | c | dtype | compressed bytes | ideal bytes | dense bytes | compressed / ideal | R@20 "
-          "| N@20 | change R@20 / N@20 vs fp32 | git |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    print("| dataset | model | c | dtype | compressed bytes | ideal bytes | dense bytes | compressed / ideal | "
+          "table RMS error / RMS value | R@20 | N@20 | change R@20 / N@20 vs fp32 | git |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in read("compression.jsonl"):
         if r["kind"] == "memory":
             print(f"| {r['dataset']} | {r['model']} | {r['target_sparsity']} | {r['dtype']} | "
                   f"{r['compressed_bytes']:,} | {r['ideal_bytes']:,} | {r['dense_bytes']:,} | "
-                  f"{r['compressed_over_ideal']:.3f} | "
+                  f"{r['compressed_over_ideal']:.3f} | {r['table_rms_error']:.2e} / {r['table_rms_value']:.2e} | "
                   f"{r['recall@20']:.4f} | {r['ndcg@20']:.4f} | {r['recall@20_change']:+.4f} / "
                   f"{r['ndcg@20_change']:+.4f} | {r['git_sha'][:7]} |")
 
