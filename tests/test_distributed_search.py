@@ -73,6 +73,7 @@ def test_one_and_two_processes_agree_within_the_documented_tolerance(one_and_two
         assert p2.achieved_sparsity == pytest.approx(p1.achieved_sparsity, abs=0.05)
         assert p2.metrics["test"]["logloss"] == pytest.approx(p1.metrics["test"]["logloss"], rel=0.03)
     assert s2["world_size"] == 2 and len(s2["peak_rss_mb_per_rank"]) == 2
+    assert s2["agent_replicas_identical"] is True  # all-reduced gradients keep the replicated agents equal
 
 
 @pytest.mark.distributed

@@ -511,6 +511,7 @@ def run_sharded_search(
 
             os.kill(os.getpid(), signal.SIGKILL)
     search_seconds = time.perf_counter() - started
+    replicas_identical = _replicas_identical(agent)
 
     plans = {}
     for c in search.budgets:
@@ -526,6 +527,7 @@ def run_sharded_search(
         "world_size": world,
         "sharding": {t: env.model.plan.plan[EBC][t].sharding_type for t in env.tables},
         "reference_val_logloss": ref_logloss,
+        "agent_replicas_identical": replicas_identical,
         "peak_rss_mb_per_rank": peak,
         "search_seconds": search_seconds,
         "total_seconds": time.perf_counter() - started,
@@ -538,6 +540,16 @@ def run_sharded_search(
         write_json_atomic(out / "search.json", summary)
     dist.barrier()
     return summary
+
+
+def _replicas_identical(agent: TD3Agent) -> bool:
+    """Whether every rank's agent holds bit-identical networks (element-wise max == min across ranks)."""
+    nets = (agent.actor, agent.qf1, agent.qf2, agent.actor_target, agent.qf1_target, agent.qf2_target)
+    flat = torch.cat([p.detach().flatten() for net in nets for p in net.parameters()])
+    high, low = flat.clone(), flat.clone()
+    dist.all_reduce(high, op=dist.ReduceOp.MAX)
+    dist.all_reduce(low, op=dist.ReduceOp.MIN)
+    return bool(torch.equal(high, low))
 
 
 def _all_min(*values: int) -> list[int]:
