@@ -141,6 +141,18 @@ def test_reference_is_shared_only_with_the_same_recipe(tmp_path, finished_search
     assert fits == [1]  # a different recipe trains once, then reuses its own
 
 
+def test_fill_budget_uses_the_slack_of_each_budget(tmp_path, finished_search):
+    plain, _ = finished_search
+    config = _tiny(tmp_path, "filled", fill_budget=True)
+    summary = run_search(config)
+    for c in config.search.budgets:
+        filled = DimensionPlan.load(Path(config.output_dir) / "plans" / f"c{c:.2f}")
+        unfilled = DimensionPlan.load(Path(plain.output_dir) / "plans" / f"c{c:.2f}")
+        assert filled.fits_budget()
+        if not summary["plans"][f"{c:.2f}"]["repaired"]:
+            assert c <= filled.achieved_sparsity <= unfilled.achieved_sparsity
+
+
 def test_states_and_rewards_follow_the_paper():
     pop = torch.tensor([-1.0, 0.0, 1.0])
     states = build_states(pop, torch.tensor([1, 64, 128]), torch.tensor([0.2, 0.5, 1.0]), d_max=128)

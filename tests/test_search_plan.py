@@ -373,3 +373,24 @@ def test_table_order_must_list_the_tables(tmp_path):
     _edit_manifest(out, table_order=["user"])
     with pytest.raises(PlanError, match="table_order"):
         DimensionPlan.load(out)
+
+
+def test_fill_to_budget_grows_into_the_slack_keeping_order():
+    from ciess_prod.search.plan import fill_to_budget
+
+    g = torch.Generator().manual_seed(0)
+    sizes = {"user": torch.randint(1, 20, (300,), generator=g).to(torch.int16),
+             "item": torch.randint(1, 40, (200,), generator=g).to(torch.int16)}
+    filled = fill_to_budget(sizes, 64, 0.6)
+    before, after = torch.cat(list(sizes.values())).long(), torch.cat(list(filled.values())).long()
+    budget = budget_for(500, 64, 0.6)
+    assert int(after.sum()) <= budget < int(before.sum()) + budget  # fits
+    assert int(after.sum()) > 0.97 * budget  # and uses nearly all of it
+    assert bool((after >= before).all()) and int(after.max()) <= 64
+    order = torch.argsort(before, stable=True)
+    assert bool((after[order].diff() >= 0).all())  # rows keep their order
+    assert all(f.dtype == torch.int16 for f in filled.values())
+    full = {"user": torch.full((10,), 64, dtype=torch.int16)}
+    assert torch.equal(fill_to_budget(full, 64, 0.0)["user"], full["user"])  # nothing to fill
+    with pytest.raises(PlanError, match="exceeds the budget"):
+        fill_to_budget(full, 64, 0.5)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from fractions import Fraction
@@ -351,13 +351,45 @@ def repair_to_budget(sizes: Mapping[str, torch.Tensor], d_max: int, target_spars
     def scaled(s: float) -> torch.Tensor:
         return torch.clamp(torch.floor(flat * s), min=1.0)
 
-    lo, hi = 0.0, 1.0  # total(lo) fits (all ones), total(hi) does not
+    return _split_like(checked, scaled(_largest_fitting(scaled, budget, 0.0, 1.0)))
+
+
+def fill_to_budget(sizes: Mapping[str, torch.Tensor], d_max: int, target_sparsity: float) -> dict[str, torch.Tensor]:
+    """Grows sizes that leave budget c unused, the mirror of ``repair_to_budget``.
+
+    Rule: every size is scaled by one common factor s >= 1, ``new = min(d_max, max(d, floor(d * s)))``, s the
+    largest (to 2**-60 of d_max, by bisection) whose total fits ``floor((1 - c) * rows * d_max)``. It keeps the
+    order of rows (d_a >= d_b implies new_a >= new_b) and never shrinks a row; what is left over (rows whose floors
+    jump together) stays unused. Sizes over the budget raise PlanError (repair them instead).
+    """
+    d_max = _check_d_max(d_max)
+    c = _check_target(target_sparsity)
+    checked = _check_sizes(sizes, d_max)
+    flat = torch.cat([s.to(torch.float64) for s in checked.values()])
+    budget = budget_for(int(flat.numel()), d_max, c)
+    if int(flat.sum()) > budget:
+        raise PlanError(f"sizes total {int(flat.sum())} exceeds the budget {budget} of target sparsity {c}")
+
+    def scaled(s: float) -> torch.Tensor:
+        return torch.clamp(torch.maximum(torch.floor(flat * s), flat), max=float(d_max))
+
+    return _split_like(checked, scaled(_largest_fitting(scaled, budget, 1.0, float(d_max))))
+
+
+def _largest_fitting(scaled: Callable[[float], torch.Tensor], budget: int, lo: float, hi: float) -> float:
+    """The largest factor in [lo, hi] (to (hi - lo) 2**-60) whose ``scaled(factor)`` total fits; ``lo`` must fit."""
+    if int(scaled(hi).sum()) <= budget:
+        return hi
     for _ in range(60):
         mid = 0.5 * (lo + hi)
         if int(scaled(mid).sum()) <= budget:
             lo = mid
         else:
             hi = mid
-    new = scaled(lo).to(torch.int16)
-    parts = torch.split(new, [int(s.numel()) for s in checked.values()])
-    return {name: part.clone() for name, part in zip(checked, parts, strict=True)}  # own storage per table
+    return lo
+
+
+def _split_like(checked: Mapping[str, torch.Tensor], flat: torch.Tensor) -> dict[str, torch.Tensor]:
+    """int16 per table again, each with its own storage."""
+    parts = torch.split(flat.to(torch.int16), [int(s.numel()) for s in checked.values()])
+    return {name: part.clone() for name, part in zip(checked, parts, strict=True)}

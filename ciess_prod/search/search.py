@@ -32,7 +32,7 @@ from ciess_prod.search.agent import TD3Agent, TD3Config
 from ciess_prod.search.buffer import ReplayBuffer
 from ciess_prod.search.environment import EnvironmentConfig, Quality, SizeEnvironment
 from ciess_prod.search.exploration import ExplorationConfig, Explorer
-from ciess_prod.search.plan import MANIFEST_NAME, DimensionPlan, repair_to_budget
+from ciess_prod.search.plan import MANIFEST_NAME, DimensionPlan, fill_to_budget, repair_to_budget
 from ciess_prod.search.report import write_report
 from ciess_prod.train.checkpoint import load_checkpoint, save_checkpoint
 from ciess_prod.train.protocol import Protocol, fit_on_train, score_with_protocol
@@ -51,6 +51,7 @@ class SearchConfig:
     size_penalty: float = 0.4  # lambda in r = q - lambda (d / d_max)^2; 0.4 best on ML-1M [P]
     reward: Literal["paper", "code"] = "paper"  # code: raw eval - lambda ((d - 1) / d_max)^2 instead of q [C]
     top_l: int = 3  # configurations per budget retrained to convergence [P]
+    fill_budget: bool = False  # grow each candidate by one common factor into its budget's slack (fill_to_budget) [I]
     replay_bytes: int = 256 << 20  # replay buffer bound per agent (bytes)
     rows_per_step: int | None = None  # subsample this many rows per side into the buffer each step (large tables)
     td3: TD3Config = field(default_factory=TD3Config)
@@ -382,6 +383,10 @@ def choose_plan(
 
         return make
 
+    if config.search.fill_budget and not repaired:  # visited configurations may leave part of the budget unused
+        candidates = [
+            dataclasses.replace(v, sizes=fill_to_budget(v.sizes, d_max, c), sparsity=float("nan")) for v in candidates
+        ]
     best = None
     for candidate in candidates:
         fitted, result, val = fit_on_train(dataset, make_model(candidate.sizes), config.train)
