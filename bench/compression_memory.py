@@ -90,6 +90,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--search", type=Path, default=ROOT / "runs" / "ml1m-search", help="a finished search")
     parser.add_argument("--dtypes", nargs="+", default=["fp32", "fp16", "int8", "int4"])
+    parser.add_argument("--plans", nargs="+", help="plan directory names to measure (default: every plans/cX.XX)")
     parser.add_argument("--results", type=Path, default=RESULTS)
     parser.add_argument("--base-dir", type=Path, default=ROOT, help="relative data paths resolve against it")
     args = parser.parse_args(argv)
@@ -98,6 +99,8 @@ def main(argv: list[str] | None = None) -> int:
           f"{'R@20':>7} {'N@20':>7} {'dR@20':>8} {'dN@20':>8}")
     with tempfile.TemporaryDirectory(prefix="ciess-compress-") as work:
         for plan_dir in plan_dirs(args.search):
+            if args.plans and plan_dir.name not in args.plans:
+                continue
             for dtype in args.dtypes:
                 row = measure(plan_dir, args.search / "models" / plan_dir.name, dtype, Path(work), args.base_dir)
                 append_jsonl(args.results, row)
