@@ -162,3 +162,11 @@ def test_compress_and_export_the_sharded_search_model(one_and_two, tmp_path):
         feeds[f"{f}.ids"], feeds[f"{f}.offsets"] = jt.values().numpy(), jt.offsets().long().numpy()
     (onnx_logits,) = ort.InferenceSession(str(tmp_path / "m.onnx")).run(["logits"], feeds)
     torch.testing.assert_close(torch.from_numpy(onnx_logits), logits, rtol=0, atol=1e-5)
+
+
+@pytest.mark.distributed
+def test_ranks_with_unequal_evaluation_chunks_do_not_deadlock(tmp_path):
+    """601 validation examples split 301 / 300 over 2 ranks, 300 per chunk: rank 0 needs one more forward."""
+    data = {**TINY["data"], "synthetic": {**TINY["data"]["synthetic"], "n_examples": 6010}}
+    out = run(tmp_path, "uneven", 2, data=data, train={"eval_batch": 300}, search={"episodes": 1})
+    assert all(plan.fits_budget() for plan in plans(out).values())

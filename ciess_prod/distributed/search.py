@@ -320,19 +320,25 @@ class ShardedEnvironment:
     def predict(self, indices: np.ndarray) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
         """(p(true label) [n], logits [n], per-feature bags as (example, id) pairs) for this rank's slice."""
         self.model.eval()
-        mine = rank_slice(indices)
+        mine, size = rank_slice(indices), self.config.train.eval_batch
+        # Every rank must run the same number of forwards (the sharded EBC's all-to-alls are collective): a rank
+        # with fewer chunks runs a throw-away forward of one example (an empty KJT does not pass through the EBC).
+        (chunks,) = _all_max(-(-len(mine) // size))
         p_true, logits_all, bags = [], [], [[] for _ in self.tables]
-        for lo in range(0, max(len(mine), 1), self.config.train.eval_batch):
-            part = mine[lo : lo + self.config.train.eval_batch]
+        for lo in range(0, chunks * size, size):
+            part = mine[lo : lo + size]
+            if len(part) == 0:
+                filler = self.dataset.batch(indices[:1])
+                self.model(filler["dense"], filler["sparse"])
+                continue
             batch = self.dataset.batch(part)
             logits = self.model(batch["dense"], batch["sparse"])
             p = torch.sigmoid(logits)
             p_true.append(torch.where(batch["labels"] > 0.5, p, 1 - p).double())
             logits_all.append(logits)
-            for i, (f, jt) in enumerate(batch["sparse"].to_dict().items()):
+            for f, jt in batch["sparse"].to_dict().items():
                 example = torch.repeat_interleave(torch.arange(len(part)) + lo, jt.lengths().long())
                 bags[self.dataset.feature_names.index(f)].append(torch.stack([example, jt.values()]))
-                del i
         cat = lambda xs: torch.cat(xs) if xs else torch.zeros(0)  # noqa: E731
         pairs = [torch.cat(b, dim=1) if b else torch.zeros(2, 0, dtype=torch.int64) for b in bags]
         return cat(p_true), cat(logits_all), pairs
@@ -414,6 +420,8 @@ def run_sharded_search(
     rank, world = dist.get_rank(), dist.get_world_size()
     started = time.perf_counter()
     device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+    if config.train.batch_size < world:
+        raise ValueError(f"train.batch_size {config.train.batch_size} leaves some of the {world} ranks no example")
     dataset = load_ctr_data(config.data, base_dir)
     env = ShardedEnvironment(config, dataset, device)
     total_rows = sum(dataset.table_sizes)
@@ -555,6 +563,12 @@ def _replicas_identical(agent: TD3Agent) -> bool:
 def _all_min(*values: int) -> list[int]:
     t = torch.tensor(values, dtype=torch.int64)
     dist.all_reduce(t, op=dist.ReduceOp.MIN)
+    return t.tolist()
+
+
+def _all_max(*values: int) -> list[int]:
+    t = torch.tensor(values, dtype=torch.int64)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return t.tolist()
 
 
