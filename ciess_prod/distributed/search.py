@@ -98,12 +98,16 @@ class CTRSearchExperimentConfig:
     model: DLRMConfig = field(default_factory=DLRMConfig)
     sharding: ShardingConfig = field(default_factory=ShardingConfig)
     train: CTRTrainConfig = field(default_factory=CTRTrainConfig)
-    search: SearchConfig = field(default_factory=SearchConfig)  # budgets, episodes, TD3, exploration, environment
+    # budgets, episodes, TD3, exploration; environment.batches/lr: each step's fine-tune (warm: Adam lr of the dense
+    # part; the tables keep sharding.lr)
+    search: SearchConfig = field(default_factory=SearchConfig)
     output_dir: str = "runs/ctr-search"  # reference/, checkpoints/, plans/, history.json, search.json
 
     def __post_init__(self) -> None:
         if self.model.d_max < 2:
             raise ValueError(f"model.d_max must be >= 2 for a search, got {self.model.d_max}")
+        if self.search.fill_budget or self.search.reward != "paper":
+            raise ValueError("search.fill_budget and search.reward 'code' are not supported by the sharded search")
         impossible = [c for c in self.search.budgets if (1 - c) * self.model.d_max < 1]
         if impossible:
             raise ValueError(
@@ -298,10 +302,11 @@ class ShardedEnvironment:
         return held_sizes
 
     # -- training and scoring
-    def train(self, n_batches: int, held_sizes: dict[str, torch.Tensor], seed: int) -> None:
+    def train(self, n_batches: int, held_sizes: dict[str, torch.Tensor], seed: int, dense_lr: float) -> None:
+        """``n_batches`` global batches (this rank's slice of each), fresh Adam on the dense part at ``dense_lr``."""
         cfg = self.config.train
         optimizer = torch.optim.Adam(
-            [p for n, p in self.model.named_parameters() if ".embedding_bags." not in n], lr=cfg.dense_lr
+            [p for n, p in self.model.named_parameters() if ".embedding_bags." not in n], lr=dense_lr
         )
         rng = np.random.default_rng(seed)
         self.model.train()
@@ -432,7 +437,7 @@ def run_sharded_search(
     env.reset_fresh()
     full = env.apply_sizes(kept, full_sizes(kept, d_max))
     if latest_step(reference_dir) is None:
-        env.train(config.train.reference_batches, full, seed=config.train.seed)
+        env.train(config.train.reference_batches, full, seed=config.train.seed, dense_lr=config.train.dense_lr)
         save_state(reference_dir, 0, {"model": env.model.state_dict()})
     else:
         load_state(reference_dir, 0, {"model": env.model.state_dict()})
@@ -485,7 +490,8 @@ def run_sharded_search(
         else:
             env.reset_fresh()
         held_sizes = env.apply_sizes(kept, new_sizes)
-        env.train(search.environment.batches, held_sizes, seed=search.seed * 100_003 + state.step)
+        step_lr = search.environment.lr if search.environment.protocol == "warm" else config.train.dense_lr
+        env.train(search.environment.batches, held_sizes, seed=search.seed * 100_003 + state.step, dense_lr=step_lr)
         p_true, _, _ = env.predict(env.val_idx)
         new_q = quality(p_true)
         q_cat = torch.cat([new_q[t] for t in order])
@@ -660,7 +666,7 @@ def retrain_and_score(
 ) -> tuple[dict[str, float], dict[str, float]]:
     env.reset_fresh()
     held = env.apply_sizes(kept, {t: s.to(torch.int64) for t, s in sizes.items()})
-    env.train(config.train.final_batches, held, seed=config.train.seed + 1)
+    env.train(config.train.final_batches, held, seed=config.train.seed + 1, dense_lr=config.train.dense_lr)
     return score(env, env.val_idx), score(env, env.test_idx)
 
 
