@@ -19,7 +19,6 @@ layouts) and raises ``ArtifactError`` naming the file and the problem.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -35,7 +34,7 @@ from ciess_prod.compress.ctr_model import CompressedDLRM
 from ciess_prod.compress.model import TABLES, CompressedRecommender, build_head, graph_arrays, graph_from_arrays
 from ciess_prod.compress.ragged import STATE_SCHEMA, RaggedEmbedding
 from ciess_prod.config import ConfigError, from_dict, to_dict
-from ciess_prod.io import atomic_directory, sha256_file, write_json_atomic
+from ciess_prod.io import atomic_directory, read_json_object, sha256_file, write_json_atomic
 from ciess_prod.models import ModelConfig
 from ciess_prod.models.dlrm import DLRMConfig
 
@@ -121,12 +120,7 @@ def _read_manifest(directory: Path) -> dict[str, Any]:
     path = directory / MANIFEST
     if not path.is_file():
         raise ArtifactError(f"{directory}: not an artifact directory (no {MANIFEST})")
-    try:
-        manifest = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ArtifactError(f"{path}: invalid JSON ({exc})") from exc
-    if not isinstance(manifest, dict):
-        raise ArtifactError(f"{path}: expected a JSON object")
+    manifest = read_json_object(path, ArtifactError)
     if manifest.get("schema") != ARTIFACT_SCHEMA:
         raise ArtifactError(
             f"{path}: schema version mismatch: found {manifest.get('schema')!r}, expected {ARTIFACT_SCHEMA!r}"

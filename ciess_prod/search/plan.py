@@ -21,7 +21,7 @@ import safetensors.torch
 import torch
 
 import ciess_prod
-from ciess_prod.io import atomic_directory, sha256_file, write_json_atomic
+from ciess_prod.io import atomic_directory, read_json_object, sha256_file, write_json_atomic
 from ciess_prod.models.memory import sparsity
 
 PLAN_SCHEMA = "ciess-prod/dimension-plan/v1"
@@ -302,12 +302,7 @@ class DimensionPlan:
 
 def _read_manifest(path: Path) -> dict[str, Any]:
     """Parses plan.json and checks schema, required keys and their JSON types."""
-    try:
-        manifest = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise PlanError(f"{path}: invalid JSON ({e})") from e
-    if not isinstance(manifest, dict):
-        raise PlanError(f"{path}: expected a JSON object, got {type(manifest).__name__}")
+    manifest = read_json_object(path, PlanError)
     if "schema" not in manifest:
         raise PlanError(f"{path}: missing 'schema' (expected {PLAN_SCHEMA!r}); not a dimension plan")
     if manifest["schema"] != PLAN_SCHEMA:

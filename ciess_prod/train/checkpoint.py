@@ -3,7 +3,6 @@ fingerprint, metrics, and the tensor file's sha256)."""
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -12,7 +11,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from ciess_prod.io import atomic_directory, sha256_file, write_json_atomic
+from ciess_prod.io import atomic_directory, read_json_object, sha256_file, write_json_atomic
 
 SCHEMA = "ciess-prod/checkpoint/v1"
 TENSORS = "model.safetensors"
@@ -43,10 +42,7 @@ def load_checkpoint(path: Path) -> Checkpoint:
     manifest, tensors = path / MANIFEST, path / TENSORS
     if not manifest.is_file() or not tensors.is_file():
         raise CheckpointError(f"{path}: not a checkpoint directory (needs {MANIFEST} and {TENSORS})")
-    try:
-        meta = json.loads(manifest.read_text())
-    except json.JSONDecodeError as exc:
-        raise CheckpointError(f"{manifest}: not valid JSON ({exc})") from exc
+    meta = read_json_object(manifest, CheckpointError)
     if meta.get("schema") != SCHEMA:
         raise CheckpointError(f"{manifest}: schema {meta.get('schema')!r}, expected {SCHEMA!r}")
     if sha256_file(tensors) != meta.get("tensors_sha256"):
