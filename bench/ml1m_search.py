@@ -72,6 +72,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--methods", nargs="+", default=["ciess", "mr", "freq", "ciess_no_walk"])
     parser.add_argument("--results", type=Path, default=RESULTS)
     parser.add_argument("--resume", action="store_true", help="resume interrupted searches")
+    parser.add_argument("--budgets", type=float, nargs="+", help="mr/freq: only these budgets (default: the config's)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", force=True)
     base = load_yaml(SearchExperimentConfig, args.config)
@@ -97,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
                 append_jsonl(args.results, record)
                 print_row(record)
             continue
-        for c in base.search.budgets:
+        for c in args.budgets or base.search.budgets:
             start = time.perf_counter()
             if method == "mr":
                 sizes = random_sizes({"user": dataset.n_users, "item": dataset.n_items}, base.model.d_max, c,
