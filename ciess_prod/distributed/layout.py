@@ -54,11 +54,7 @@ class TableLayout:
         return len(self.shards) != len(self.primary)
 
 
-def _rank_of(placement) -> int:  # noqa: ANN001 - torch's _remote_device
-    return int(placement.rank())
-
-
-def table_layouts(plan: ShardingPlan, ebc_path: str, names: list[str], world_size: int) -> dict[str, TableLayout]:
+def table_layouts(plan: ShardingPlan, ebc_path: str, names: list[str]) -> dict[str, TableLayout]:
     """The layout of every table from the plan DMP used (``model.plan``)."""
     module_plan = plan.plan[ebc_path]
     out = {}
@@ -66,7 +62,7 @@ def table_layouts(plan: ShardingPlan, ebc_path: str, names: list[str], world_siz
         sharding = module_plan[name]
         spec = sharding.sharding_spec
         shards = tuple(
-            Shard(_rank_of(m.placement), m.shard_offsets[0], m.shard_sizes[0], m.shard_offsets[1], m.shard_sizes[1])
+            Shard(int(m.placement.rank()), m.shard_offsets[0], m.shard_sizes[0], m.shard_offsets[1], m.shard_sizes[1])
             for m in spec.shards
         )
         rows = max(s.row_offset + s.rows for s in shards)

@@ -150,9 +150,10 @@ def auc(scores: torch.Tensor, labels: torch.Tensor) -> float:
     return float((ranks[positives].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
 
 
-def all_sum(*values: float) -> list[float]:
+def all_reduce(*values: float, op: dist.ReduceOp = dist.ReduceOp.SUM) -> list[float]:
+    """Element-wise reduction of a few scalars over the ranks (float64)."""
     t = torch.tensor(values, dtype=torch.float64)
-    dist.all_reduce(t)
+    dist.all_reduce(t, op=op)
     return t.tolist()
 
 
@@ -201,15 +202,12 @@ class ShardedEnvironment:
         self.table_ids = {t: i for i, t in enumerate(self.tables)}
         self.dense_init = {k: v.detach().clone() for k, v in model.state_dict().items() if not k.startswith(EBC)}
         self.model = shard_model(model, EBC, config.sharding, device)
-        self.layouts = table_layouts(self.model.plan, EBC, self.tables, dist.get_world_size())
+        self.layouts = table_layouts(self.model.plan, EBC, self.tables)
         self.shards: dict[str, list[LocalShard]] = local_shards(self.model, self.tables)
         self.held = {t: held_rows(s) for t, s in self.shards.items()}  # rows of any local shard (any column)
         self.reference: dict[str, Any] | None = None
 
     # -- state of the weights
-    def dense_modules(self) -> torch.nn.Module:
-        return self.model.module if hasattr(self.model, "module") else self.model
-
     def reset_fresh(self) -> None:
         """The hashed initialisation of every shard and the seeded dense initialisation: a fresh model."""
         init_shards(self.shards, self.table_ids, self.config.model.init_std, self.config.train.seed)
@@ -328,7 +326,8 @@ class ShardedEnvironment:
         mine, size = rank_slice(indices), self.config.train.eval_batch
         # Every rank must run the same number of forwards (the sharded EBC's all-to-alls are collective): a rank
         # with fewer chunks runs a throw-away forward of one example (an empty KJT does not pass through the EBC).
-        (chunks,) = _all_max(-(-len(mine) // size))
+        (chunks,) = all_reduce(-(-len(mine) // size), op=dist.ReduceOp.MAX)
+        chunks = int(chunks)
         p_true, logits_all, bags = [], [], [[] for _ in self.tables]
         for lo in range(0, chunks * size, size):
             part = mine[lo : lo + size]
@@ -396,7 +395,7 @@ def full_sizes(kept: KeptRows, d_max: int) -> dict[str, torch.Tensor]:
 
 
 def global_sparsity(sizes: dict[str, torch.Tensor], total_rows: int, d_max: int) -> float:
-    (kept,) = all_sum(float(sum(int(s.sum()) for s in sizes.values())))
+    (kept,) = all_reduce(float(sum(int(s.sum()) for s in sizes.values())))
     return 1.0 - kept / (total_rows * d_max)
 
 
@@ -444,7 +443,7 @@ def run_sharded_search(
     env.snapshot_reference()
     p_ref, _, pairs = env.predict(env.val_idx)  # validation examples (and their bags) are fixed: computed once
     ref_sums = env.row_means(p_ref, pairs, kept)
-    loss_sum, n_val = all_sum(float(-torch.log(p_ref).sum()), float(len(p_ref)))
+    loss_sum, n_val = all_reduce(float(-torch.log(p_ref).sum()), float(len(p_ref)))
     ref_logloss = loss_sum / n_val
 
     def quality(p_true: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -500,11 +499,11 @@ def run_sharded_search(
         done = step == search.steps_per_episode - 1
         if len(states):
             buffer.add(states, chosen.float(), reward, next_states, done, max_rows=search.rows_per_step)
-        (min_len,) = _all_min(len(buffer))
+        (min_len,) = all_reduce(len(buffer), op=dist.ReduceOp.MIN)
         losses = agent.update(buffer, per_rank_batch, sync_mean) if min_len >= per_rank_batch else {}
 
         sparsity = global_sparsity(new_sizes, total_rows, d_max)
-        q_sum, n_rows, r_sum, loss_sum, n_val = all_sum(
+        q_sum, n_rows, r_sum, loss_sum, n_val = all_reduce(
             float(q_cat.double().sum()), float(len(q_cat)), float(reward.double().sum()),
             float(-torch.log(p_true).sum()), float(len(p_true)),
         )
@@ -564,18 +563,6 @@ def _replicas_identical(agent: TD3Agent) -> bool:
     dist.all_reduce(high, op=dist.ReduceOp.MAX)
     dist.all_reduce(low, op=dist.ReduceOp.MIN)
     return bool(torch.equal(high, low))
-
-
-def _all_min(*values: int) -> list[int]:
-    t = torch.tensor(values, dtype=torch.int64)
-    dist.all_reduce(t, op=dist.ReduceOp.MIN)
-    return t.tolist()
-
-
-def _all_max(*values: int) -> list[int]:
-    t = torch.tensor(values, dtype=torch.int64)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return t.tolist()
 
 
 def _state_blob(state: RankState, agent: TD3Agent, explorer: Explorer, buffer: ReplayBuffer) -> dict[str, Any]:
@@ -673,7 +660,7 @@ def retrain_and_score(
 def score(env: ShardedEnvironment, indices: np.ndarray) -> dict[str, float]:
     """Log-loss and AUC over ``indices`` (each rank scores its slice; logits gathered for the AUC)."""
     p_true, logits, _ = env.predict(indices)
-    loss_sum, n = all_sum(float(-torch.log(p_true.clamp(min=1e-12)).sum()), float(len(p_true)))
+    loss_sum, n = all_reduce(float(-torch.log(p_true.clamp(min=1e-12)).sum()), float(len(p_true)))
     labels = torch.from_numpy(env.dataset.labels[rank_slice(indices)])
     gathered: list[Any] = [None] * dist.get_world_size()
     dist.all_gather_object(gathered, (logits.double(), labels))
