@@ -123,6 +123,15 @@ def test_resume_after_the_search_reuses_chosen_plans(tmp_path, finished_search, 
     run_search(copy, resume=True)
     assert chosen == list(config.search.budgets)  # now every budget's plan is this search's own: nothing retrained
 
+    # a plan written before a config key existed (here: search.fill_budget) counts that key at its default
+    for c in config.search.budgets:
+        path = Path(copy.output_dir) / "plans" / f"c{c:.2f}"
+        plan = DimensionPlan.load(path)
+        del plan.config["search"]["fill_budget"]
+        plan.save(path)
+    run_search(copy, resume=True)
+    assert chosen == list(config.search.budgets)
+
 
 def test_reference_is_shared_only_with_the_same_recipe(tmp_path, finished_search, monkeypatch):
     from ciess_prod.search import search as search_module

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from ciess_prod.config import to_dict
+from ciess_prod.config import ConfigError, from_dict, to_dict
 from ciess_prod.data import RecDataset
 from ciess_prod.experiment import DataConfig, load_dataset
 from ciess_prod.io import write_json_atomic
@@ -352,7 +352,11 @@ def finished_plan(
     if not (path / MANIFEST_NAME).is_file() or not (model_path / "checkpoint.json").is_file():
         return None
     plan = DimensionPlan.load(path)
-    if plan.dataset_fingerprint != dataset.fingerprint or plan.config != to_dict(config):
+    try:  # through the dataclass, so keys added since the plan was written count at their defaults
+        saved = to_dict(from_dict(type(config), plan.config))
+    except ConfigError:
+        return None
+    if plan.dataset_fingerprint != dataset.fingerprint or saved != to_dict(config):
         return None
     log.info("reusing the plan already chosen in %s", path)
     return plan
