@@ -1,18 +1,14 @@
 """The sharded CTR search under torchrun: 1 vs 2 processes, every sharding type, kill-and-resume, checkpoints."""
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
-import yaml
+from searchrun import ROOT, assert_same_search, run_search
 
 from ciess_prod.search import DimensionPlan
 
-ROOT = Path(__file__).resolve().parent.parent
 TINY = {
     "task": "ctr",
     "data": {
@@ -35,19 +31,7 @@ TINY = {
 
 
 def run(tmp_path: Path, name: str, nproc: int, extra_args=(), env_extra=None, **changes) -> Path:
-    config = json.loads(json.dumps(TINY))
-    for key, value in changes.items():
-        config[key] = {**config[key], **value}
-    out = tmp_path / name
-    config["output_dir"] = str(out)
-    path = tmp_path / f"{name}.yaml"
-    path.write_text(yaml.safe_dump(config))
-    env = {**os.environ, "OMP_NUM_THREADS": "1", **(env_extra or {})}
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-               *extra_args, str(ROOT / "training" / "search.py"), "--config", str(path)]
-    done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=900, cwd=ROOT)
-    assert done.returncode == 0, done.stderr[-5000:]
-    return out
+    return run_search(TINY, tmp_path, name, nproc, extra_args, env_extra, **changes)
 
 
 def plans(out: Path) -> dict[float, DimensionPlan]:
@@ -99,15 +83,7 @@ def test_killed_rank_resumes_to_the_uninterrupted_plan(tmp_path, one_and_two):
     """Rank 1 SIGKILLs itself after step 2 on the first attempt; torchrun restarts the group, which resumes."""
     _, two = one_and_two
     out = run(tmp_path, "killed", 2, extra_args=["--max-restarts=1"], env_extra={"CIESS_FAIL_AT_STEP": "2"})
-    for c, plan in plans(out).items():
-        reference = plans(two)[c]
-        for table in plan.sizes:
-            assert torch.equal(plan.sizes[table], reference.sizes[table]), (c, table)
-        assert plan.metrics == reference.metrics
-    history = json.loads((out / "history.json").read_text())["history"]
-    uninterrupted = json.loads((two / "history.json").read_text())["history"]
-    strip = lambda h: [{k: v for k, v in e.items() if k != "step_seconds"} for e in h]  # noqa: E731
-    assert strip(history) == strip(uninterrupted)
+    assert_same_search(out, two, TINY["search"]["budgets"])
 
 
 @pytest.mark.distributed
@@ -121,7 +97,7 @@ def test_paper_protocol_trains_each_step_from_scratch(tmp_path):
 
 
 def test_auc_matches_pairwise_counting():
-    from ciess_prod.distributed.search import auc
+    from ciess_prod.distributed.ctr import auc
 
     g = torch.Generator().manual_seed(0)
     scores = torch.randint(0, 5, (60,), generator=g).double()  # many ties
@@ -141,7 +117,7 @@ def test_compress_and_export_the_sharded_search_model(one_and_two, tmp_path):
     from ciess_prod.cli import main
     from ciess_prod.compress.artifact import load_artifact
     from ciess_prod.config import from_dict
-    from ciess_prod.distributed.search import CTRSearchExperimentConfig, load_ctr_data
+    from ciess_prod.distributed.ctr import CTRSearchExperimentConfig, load_ctr_data
 
     _, two = one_and_two
     plan_dir, model_dir = two / "plans" / "c0.90", two / "models" / "c0.90"

@@ -123,7 +123,7 @@ def test_config_validation_names_the_problem(data, message):
 
 
 def test_committed_configs_load():
-    from ciess_prod.distributed.search import CTRSearchExperimentConfig
+    from ciess_prod.distributed.ctr import CTRSearchExperimentConfig
     from ciess_prod.search.search import SearchExperimentConfig
 
     for path in sorted(Path(__file__).resolve().parent.parent.glob("configs/*.yaml")):

@@ -1,11 +1,12 @@
 """torchrun entry point of the CIESS search.
 
     torchrun --nproc_per_node=N training/search.py --config configs/ctr-smoke.yaml [--resume]
-    torchrun --nproc_per_node=1 training/search.py --config configs/smoke.yaml [--resume]
+    torchrun --nproc_per_node=N training/search.py --config configs/smoke.yaml [--resume] [--sharded]
 
 Initialises the process group torchrun describes (gloo on CPU, NCCL on GPU). A config with ``task: ctr`` runs the
-sharded search over a CTR model's tables on every rank (``ciess_prod.distributed.search``); a user/item
-recommender config runs the single-process search (graph propagation needs every row; one process).
+sharded search over a DLRM's tables (``ciess_prod.distributed.ctr``). A user/item recommender config runs the
+sharded search over its user and item tables (``ciess_prod.distributed.recommender``) on N > 1 processes (or
+with ``--sharded``), and the single-process search (``ciess search``: Adam on the tables) in one process.
 Under ``torchrun --max-restarts=K`` a restarted group resumes from the last complete checkpoint by itself.
 """
 
@@ -26,7 +27,11 @@ sys.path.insert(0, str(ROOT))
 import yaml  # noqa: E402
 
 from ciess_prod.config import load_yaml  # noqa: E402
-from ciess_prod.distributed.search import CTRSearchExperimentConfig, run_sharded_search  # noqa: E402
+from ciess_prod.data import load_dataset  # noqa: E402
+from ciess_prod.distributed.ctr import CTREnvironment, CTRSearchExperimentConfig, load_ctr_data  # noqa: E402
+from ciess_prod.distributed.environment import process_device  # noqa: E402
+from ciess_prod.distributed.recommender import RecEnvironment, ShardedSearchExperimentConfig  # noqa: E402
+from ciess_prod.distributed.search import run_sharded_search  # noqa: E402
 from ciess_prod.search.search import SearchExperimentConfig, run_search  # noqa: E402
 
 
@@ -59,41 +64,47 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", required=True)
     parser.add_argument("--resume", action="store_true", help="continue from the last completed step")
+    parser.add_argument("--sharded", action="store_true",
+                        help="recommender configs: the sharded search even in one process (default: when N > 1)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", force=True)
 
     raw = yaml.safe_load(Path(args.config).read_text()) or {}
     ctr = isinstance(raw, dict) and raw.get("task") == "ctr"
-    distributed = "WORLD_SIZE" in os.environ or ctr
-    if distributed:
-        if "WORLD_SIZE" not in os.environ:  # a CTR search started without torchrun: a group of one
+    sharded = ctr or args.sharded or int(os.environ.get("WORLD_SIZE", "1")) > 1
+    if sharded:
+        if "WORLD_SIZE" not in os.environ:  # a sharded search started without torchrun: a group of one
             os.environ.update(RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
         backend = "nccl" if torch.cuda.is_available() else "gloo"
         if backend == "nccl":
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
         init_process_group(backend)
-        if not ctr and dist.get_world_size() > 1:
-            raise SystemExit(f"training/search.py: {args.config} is a user/item recommender search, which runs in "
-                             "one process; sharded multi-process search is for CTR configs (task: ctr)")
     try:
-        if ctr:
-            config = load_yaml(CTRSearchExperimentConfig, args.config)
+        if sharded:
+            if ctr:
+                config = load_yaml(CTRSearchExperimentConfig, args.config)
+                env = CTREnvironment(config, load_ctr_data(config.data, ROOT), process_device())
+            else:
+                config = load_yaml(ShardedSearchExperimentConfig, args.config)
+                env = RecEnvironment(config, load_dataset(config.data, ROOT), process_device())
             restarted = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0
             fail_at = os.environ.get("CIESS_FAIL_AT_STEP")  # fault-tolerance tests: SIGKILL on the first attempt
             summary = run_sharded_search(
-                config,
-                base_dir=ROOT,
+                env,
+                config.search,
+                config.model.d_max,
+                config.output_dir,
                 resume=args.resume or restarted,
                 fail_at_step=int(fail_at) if fail_at and not restarted and dist.get_rank() == 1 else None,
             )
         else:
             config = load_yaml(SearchExperimentConfig, args.config)
             summary = run_search(config, base_dir=ROOT, resume=args.resume)
-        if not distributed or dist.get_rank() == 0:
+        if not sharded or dist.get_rank() == 0:
             for budget, plan in summary.get("plans", {}).items():
                 print(f"c={budget}: {plan['path']} (achieved sparsity {plan['achieved_sparsity']:.4f})")
     finally:
-        if distributed:
+        if sharded:
             dist.destroy_process_group()
     return 0
 

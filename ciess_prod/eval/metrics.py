@@ -76,6 +76,29 @@ def top_k_items(scores: torch.Tensor, k: int) -> torch.Tensor:
     return items.gather(1, order)
 
 
+def top_k_metrics(
+    top: torch.Tensor, targets: sp.csr_matrix, rows: np.ndarray, ks: Sequence[int]
+) -> tuple[dict[int, torch.Tensor], dict[int, torch.Tensor]]:
+    """Recall@k and NDCG@k [B] (float64) of ranked lists ``top`` [B, k_max] of the users ``rows``.
+
+    Entries >= n_items in ``top`` are padding (no item: never a hit). A user without targets scores 0.
+    """
+    n_items = targets.shape[1]
+    k_max = top.shape[1]
+    discounts = 1.0 / torch.log2(torch.arange(2, k_max + 2, dtype=torch.float64))
+    ideal = torch.cat([torch.zeros(1, dtype=torch.float64), discounts.cumsum(0)])  # ideal[n] = IDCG of n hits
+    relevant = torch.cat([_rows_to_dense(targets, rows), torch.zeros(len(rows), 1, dtype=torch.bool)], dim=1)
+    hits = relevant.gather(1, top.clamp(max=n_items)).to(torch.float64)  # [B, k_max]
+    count = torch.from_numpy(np.diff(targets.indptr)[rows].astype(np.float64))
+    dcg, found = (hits * discounts).cumsum(1), hits.cumsum(1)
+    recall, ndcg = {}, {}
+    for k in ks:
+        kk = min(k, k_max)
+        recall[k] = found[:, kk - 1] / count.clamp(min=1.0)
+        ndcg[k] = dcg[:, kk - 1] / ideal[torch.clamp(count, max=kk).long()].clamp(min=1e-12)
+    return recall, ndcg
+
+
 def rank_users(
     score_fn: ScoreFn,
     targets: sp.csr_matrix,
@@ -99,9 +122,6 @@ def rank_users(
             raise ValueError(f"exclusion matrix shape {m.shape} does not match targets {targets.shape}")
     users = np.arange(n_users) if users is None else np.asarray(users, dtype=np.int64)
     k_max = max(ks)
-    discounts = 1.0 / torch.log2(torch.arange(2, k_max + 2, dtype=torch.float64))
-    ideal = torch.cat([torch.zeros(1, dtype=torch.float64), discounts.cumsum(0)])  # ideal[n] = IDCG of n hits
-
     recall = {k: torch.zeros(n_users, dtype=torch.float64) for k in ks}
     ndcg = {k: torch.zeros(n_users, dtype=torch.float64) for k in ks}
     n_targets = torch.from_numpy(np.diff(targets.indptr).astype(np.int64))
@@ -116,16 +136,10 @@ def rank_users(
         scores = scores.clone()
         for m in exclude:
             scores[_rows_to_dense(m, rows)] = -torch.inf
-        top = top_k_items(scores, k_max)
-        hits = _rows_to_dense(targets, rows).gather(1, top).to(torch.float64)  # [B, k_max]
-        count = n_targets[rows_t].to(torch.float64)
-        safe = count.clamp(min=1.0)
-        dcg = (hits * discounts[: top.shape[1]]).cumsum(1)
-        found = hits.cumsum(1)
+        chunk_recall, chunk_ndcg = top_k_metrics(top_k_items(scores, k_max), targets, rows, ks)
         for k in ks:
-            kk = min(k, top.shape[1])
-            recall[k][rows_t] = found[:, kk - 1] / safe
-            ndcg[k][rows_t] = dcg[:, kk - 1] / ideal[torch.clamp(count, max=kk).long()].clamp(min=1e-12)
+            recall[k][rows_t] = chunk_recall[k]
+            ndcg[k][rows_t] = chunk_ndcg[k]
     has_target = n_targets > 0
     for k in ks:
         recall[k][~has_target] = 0.0
