@@ -1,4 +1,4 @@
-"""The user/item recommender task of the sharded search: MF and LightGCN over sharded user and item tables.
+"""The user/item recommender task of the sharded search: MF, LightGCN and NGCF over sharded user and item tables.
 
     torchrun --nproc_per_node=2 training/search.py --config configs/smoke.yaml
 
@@ -8,9 +8,10 @@ ranking. No rank holds another rank's rows beyond what one computation needs:
 
 - ego embeddings: each rank looks its owned rows up through the sharded EBC (so the fused optimizer trains
   them), cut to their sizes (the prefix mask);
-- LightGCN propagation is a distributed sparse product: a rank multiplies its rows of D^-1/2 A D^-1/2 by its own
-  nodes' layer and the layer of its HALO (the neighbours other ranks own), fetched by an all-to-all each layer
-  (differentiable, so gradients flow back to the owners);
+- LightGCN and NGCF propagation is a distributed sparse product: a rank multiplies its rows of D^-1/2 A D^-1/2
+  by its own nodes' layer and the layer of its HALO (the neighbours other ranks own), fetched by an all-to-all
+  each layer (differentiable, so gradients flow back to the owners). NGCF's layer weights are replicated, seeded
+  alike, and their gradients summed over the ranks before each Adam step;
 - a BPR batch is drawn the same on every rank from the shared seed; each rank takes its slice and fetches the
   final and ego embeddings of its users and items from their owners. loss = sum over the slice / global batch,
   so the summed gradients equal one process's;
@@ -23,12 +24,14 @@ ranking. No rank holds another rank's rows beyond what one computation needs:
 Differences from the single-process search (``search/search.py``): the tables train with the fused optimizer of
 ``sharding`` (FBGEMM fuses SGD and row-wise Adagrad on CPU, not Adam) at the constant ``sharding.lr`` in every
 phase (reference, search steps, retraining); ``train`` gives the batch size, L2, length and early stopping
-(``train.lr``/``lr_decay`` and ``search.environment.lr`` are Adam settings of the single-process search). NGCF
-and NeuMF (dense weights over layers and pairs) run single-process only.
+(``train.lr``/``lr_decay`` and ``search.environment.lr`` drive Adam on NGCF's layer weights only). NGCF's
+message dropout draws per rank. NeuMF (a dense tower over every user-item pair) runs single-process only.
 """
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -57,13 +60,16 @@ from ciess_prod.distributed.sharding import ShardingConfig
 from ciess_prod.eval.metrics import RankingResult, top_k_items, top_k_metrics, user_quality
 from ciess_prod.models import SIDES
 from ciess_prod.models.graph import normalized_adjacency, sparse_matmul
+from ciess_prod.models.lightgcn import lightgcn_layers
+from ciess_prod.models.ngcf import NGCFLayers
 from ciess_prod.models.sizes import mask_rows
 from ciess_prod.search.plan import DimensionPlan
 from ciess_prod.search.search import SearchExperimentConfig, model_meta
 from ciess_prod.train.protocol import REPORT_KS, retrain_batches
+from ciess_prod.train.trainer import TrainConfig, learning_rate
 
 log = logging.getLogger(__name__)
-SHARDED_KINDS = ("mf", "lightgcn")
+SHARDED_KINDS = ("mf", "lightgcn", "ngcf")
 
 
 @dataclass(frozen=True)
@@ -77,7 +83,7 @@ class ShardedSearchExperimentConfig(SearchExperimentConfig):
         super().__post_init__()
         if self.model.kind not in SHARDED_KINDS:
             raise ValueError(f"the sharded search supports model.kind {SHARDED_KINDS}, got {self.model.kind!r}; "
-                             "run NGCF and NeuMF searches in one process")
+                             "run NeuMF searches in one process")
         if self.search.fill_budget or self.search.reward != "paper":
             raise ValueError("search.fill_budget and search.reward 'code' are not supported by the sharded search")
         if self.item_piece < 1:
@@ -222,13 +228,16 @@ class RecEnvironment(ShardedTables):
                  torch.arange(*spans["item"]) + dataset.n_users if spans["item"] else torch.zeros(0, dtype=torch.int64)]
         self.nodes = Nodes(dataset.n_users, dataset.n_items, torch.cat(owned), spans["user"], spans["item"],
                            self.layouts["user"].owners, self.layouts["item"].owners)
-        self.graph = ShardedGraph(dataset.train, self.nodes) if config.model.n_layers and self._graph_model else None
+        graph_model = config.model.kind in ("lightgcn", "ngcf")
+        self.graph = ShardedGraph(dataset.train, self.nodes) if config.model.n_layers and graph_model else None
+        # NGCF's layer weights: replicated (same seed on every rank), their gradients summed over the ranks
+        torch.manual_seed(config.train.seed)
+        self.layers = NGCFLayers(config.model) if config.model.kind == "ngcf" else None
+        self.layers_init = copy.deepcopy(self.layers.state_dict()) if self.layers else None
+        layers = config.model.n_layers + 1 if self.layers else 1
+        self.out_dim = config.model.d_max * layers  # width of the final embeddings
         self.sizes: dict[str, torch.Tensor] = {}  # the owned rows' sizes (set by apply_sizes)
         self.best_batches = 0  # of the last early-stopped fit
-
-    @property
-    def _graph_model(self) -> bool:
-        return self.config.model.kind == "lightgcn"
 
     def graph_of(self, data: RecDataset) -> ShardedGraph | None:
         """The propagation graph of ``data``'s training interactions (None for MF)."""
@@ -256,25 +265,39 @@ class RecEnvironment(ShardedTables):
                           mask_rows(pooled["item"][:n_item], self.sizes["item"])])
 
     def final(self, ego: torch.Tensor, graph: ShardedGraph | None) -> torch.Tensor:
-        """Owned nodes' final embeddings: the ego (MF) or the mean of the ego and its propagations (LightGCN)."""
+        """Owned nodes' final embeddings [n_owned, out_dim]: the model's layers over the distributed product."""
         if graph is None:
             return ego
-        layer, total = ego, ego
-        for _ in range(self.config.model.n_layers):
-            layer = graph.propagate(layer)
-            total = total + layer
-        return total / (self.config.model.n_layers + 1)
+        if self.layers is not None:
+            return self.layers(graph.propagate, ego)
+        return lightgcn_layers(graph.propagate, ego, self.config.model.n_layers)
+
+    # -- weights: the sharded tables plus the replicated NGCF layers
+    def reset_fresh(self) -> None:
+        super().reset_fresh()
+        if self.layers is not None:
+            self.layers.load_state_dict(self.layers_init)
+
+    def snapshot(self) -> dict[str, Any]:
+        layers = copy.deepcopy(self.layers.state_dict()) if self.layers is not None else None
+        return {**super().snapshot(), "layers": layers}
+
+    def restore(self, snapshot: dict[str, Any]) -> None:
+        super().restore(snapshot)
+        if self.layers is not None:
+            self.layers.load_state_dict(snapshot["layers"])
 
     # -- training
     def fit(
         self, held_sizes: dict[str, torch.Tensor], seed: int, n_batches: int | None = None,
-        data: RecDataset | None = None, graph: ShardedGraph | None = None,
+        data: RecDataset | None = None, graph: ShardedGraph | None = None, schedule: TrainConfig | None = None,
     ) -> dict[str, float]:
         """BPR training: ``n_batches`` exactly, or early-stopped on validation Recall@20 keeping the best weights
         (then returns the best validation means and sets ``best_batches``). ``data``/``graph``: the final
-        protocol's train+validation view."""
-        cfg = self.config.train
+        protocol's train+validation view. ``schedule``: the Adam lr schedule of NGCF's layers (default train)."""
+        cfg, schedule = self.config.train, schedule or self.config.train
         data, graph = data or self.dataset, graph or self.graph
+        optimizer = torch.optim.Adam(self.layers.parameters(), lr=schedule.lr) if self.layers is not None else None
         sampler = BPRSampler(data.train, batch_size=cfg.batch_size, seed=seed, mode=cfg.sampling)
         early_stop = n_batches is None and data.val.nnz > 0
         total = cfg.max_batches if n_batches is None else n_batches
@@ -282,17 +305,25 @@ class RecEnvironment(ShardedTables):
         mine = torch.from_numpy(rank_slice(np.arange(cfg.batch_size)))
         n_users = self.dataset.n_users
         for step in range(total):
-            self.model.train()
+            self.train_mode(True)
             users, pos, neg = (t[mine] for t in sampler.sample())
             ego = self.ego()
             rows = self.nodes.fetch(torch.cat([users, pos + n_users, neg + n_users]))
             fetched = rows(torch.cat([self.final(ego, graph), ego], dim=1))
-            final_u, final_p, final_n = fetched[:, : self.d_max].split(len(users))
-            ego_u, ego_p, ego_n = fetched[:, self.d_max :].split(len(users))
+            final_u, final_p, final_n = fetched[:, : self.out_dim].split(len(users))
+            ego_u, ego_p, ego_n = fetched[:, self.out_dim :].split(len(users))
             bpr = F.softplus((final_u * final_n).sum(-1) - (final_u * final_p).sum(-1)).sum()
             l2 = (ego_u.pow(2).sum() + ego_p.pow(2).sum() + ego_n.pow(2).sum()) / 2
             loss = (bpr + cfg.l2 * l2) / cfg.batch_size
-            loss.backward()  # the fused table optimizer steps here (MF and LightGCN have no dense parameters)
+            if optimizer is not None:
+                optimizer.zero_grad(set_to_none=True)
+            loss.backward()  # the fused table optimizer steps here
+            if optimizer is not None:  # each rank's gradient is its slice's share: their sum is the batch's
+                for p in self.layers.parameters():
+                    dist.all_reduce(p.grad)
+                for group in optimizer.param_groups:
+                    group["lr"] = learning_rate(schedule, step)
+                optimizer.step()
             self.enforce(held_sizes)
             done = step + 1
             if early_stop and (done % cfg.eval_every == 0 or done == total):
@@ -315,7 +346,15 @@ class RecEnvironment(ShardedTables):
         self.fit(held_sizes, seed=self.config.train.seed)
 
     def fine_tune(self, n_batches: int, held_sizes: dict[str, torch.Tensor], seed: int, warm: bool) -> None:
-        self.fit(held_sizes, seed=seed, n_batches=n_batches)
+        """One step's training; warm fine-tunes NGCF's layers at the constant ``search.environment.lr``."""
+        env = self.config.search.environment
+        schedule = dataclasses.replace(self.config.train, lr=env.lr, lr_decay=1.0) if warm else None
+        self.fit(held_sizes, seed=seed, n_batches=n_batches, schedule=schedule)
+
+    def train_mode(self, training: bool) -> None:
+        self.model.train(training)
+        if self.layers is not None:
+            self.layers.train(training)
 
     def retrain(self, held_sizes: dict[str, torch.Tensor]) -> dict[str, float]:
         """A candidate from a fresh model, early-stopped on validation: its validation means."""
@@ -341,7 +380,7 @@ class RecEnvironment(ShardedTables):
         excludes training and validation items (under ``final``, ``data`` has them merged into training)."""
         data = data or self.dataset
         targets, exclude = (data.val, [data.train]) if split == "val" else (data.test, [data.train, data.val])
-        self.model.eval()
+        self.train_mode(False)
         graph = graph or self.graph_of(data)
         final = self.final(self.ego(), graph)
         n_owned_users = self.nodes.n_owned_users
@@ -356,7 +395,7 @@ class RecEnvironment(ShardedTables):
             for lo in range(0, shard.rows, piece):
                 hi = min(lo + piece, shard.rows)
                 mine = shard.rank == dist.get_rank()
-                emb = items_emb[lo:hi].contiguous() if mine else torch.empty(hi - lo, self.d_max)
+                emb = items_emb[lo:hi].contiguous() if mine else torch.empty(hi - lo, self.out_dim)
                 dist.broadcast(emb, src=shard.rank)
                 first = shard.row_offset + lo
                 for start in range(0, len(users), chunk):
@@ -394,12 +433,14 @@ class RecEnvironment(ShardedTables):
 
     # -- export
     def export_state(self, sizes: dict[str, torch.Tensor]) -> dict[str, torch.Tensor] | None:
-        """Rank 0: the state dict of the single-process ``models.MF``/``LightGCN`` at ``sizes``; else None."""
+        """Rank 0: the state dict of the single-process ``models.MF``/``LightGCN``/``NGCF`` at ``sizes``; else None."""
         tables = self.gather_tables()
         if tables is None:
             return None
         state = {f"{EBC}.embedding_bags.{s}.weight": tables[s] for s in SIDES}
         state.update({f"{s}_sizes": sizes[s].to(torch.int32) for s in SIDES})
+        if self.layers is not None:
+            state.update({f"layers.{k}": v.detach().clone() for k, v in self.layers.state_dict().items()})
         return state
 
     def model_meta(self, plan: DimensionPlan) -> dict[str, Any]:

@@ -6,6 +6,8 @@ than ``torch.sparse.mm`` on COO. The adjacency is symmetric, so its backward pas
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 import scipy.sparse as sp
 import torch
@@ -49,6 +51,16 @@ def sparse_matmul(matrix: sp.csr_matrix, transposed: sp.csr_matrix, x: torch.Ten
 def propagate(matrix: sp.csr_matrix, x: torch.Tensor) -> torch.Tensor:
     """``matrix @ x`` for a SYMMETRIC sparse matrix (its own transpose), differentiable in x (float32 [N, d])."""
     return _SpMM.apply(x, matrix, matrix)
+
+
+Graph = sp.csr_matrix | Callable[[torch.Tensor], torch.Tensor]
+"""What one propagation step multiplies by: the whole normalised adjacency, or a function doing the same product
+for some of the nodes (the sharded search's distributed product)."""
+
+
+def spread(graph: Graph, x: torch.Tensor) -> torch.Tensor:
+    """One propagation step of ``x`` over ``graph``."""
+    return graph(x) if callable(graph) else propagate(graph, x)
 
 
 class GraphRecommender(Recommender):

@@ -2,17 +2,16 @@
 
 from __future__ import annotations
 
-import scipy.sparse as sp
 import torch
 
-from ciess_prod.models.graph import GraphRecommender, propagate
+from ciess_prod.models.graph import Graph, GraphRecommender, spread
 
 
-def lightgcn_layers(adjacency: sp.csr_matrix, ego: torch.Tensor, n_layers: int) -> torch.Tensor:
+def lightgcn_layers(adjacency: Graph, ego: torch.Tensor, n_layers: int) -> torch.Tensor:
     """Mean of the ego embeddings and their ``n_layers`` propagations: [N, d] -> [N, d]."""
     layer, total = ego, ego
     for _ in range(n_layers):
-        layer = propagate(adjacency, layer)
+        layer = spread(adjacency, layer)
         total = total + layer
     return total / (n_layers + 1)
 

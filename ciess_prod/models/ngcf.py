@@ -12,7 +12,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from ciess_prod.models.base import ModelConfig
-from ciess_prod.models.graph import GraphRecommender, propagate
+from ciess_prod.models.graph import Graph, GraphRecommender, spread
 
 
 class NGCFLayers(nn.Module):
@@ -27,10 +27,10 @@ class NGCFLayers(nn.Module):
             nn.init.xavier_uniform_(layer.weight)
             nn.init.zeros_(layer.bias)
 
-    def forward(self, adjacency: sp.csr_matrix, ego: torch.Tensor) -> torch.Tensor:
+    def forward(self, adjacency: Graph, ego: torch.Tensor) -> torch.Tensor:
         layer, outputs = ego, [ego]
         for w_sum, w_product in zip(self.w_sum, self.w_product, strict=True):
-            side = propagate(adjacency, layer)
+            side = spread(adjacency, layer)
             layer = F.leaky_relu(w_sum(side + layer) + w_product(side * layer), negative_slope=0.2)
             layer = F.dropout(layer, p=self.dropout, training=self.training)
             outputs.append(F.normalize(layer, dim=1))
