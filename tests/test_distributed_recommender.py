@@ -103,10 +103,15 @@ def test_every_other_sharded_model_kind_runs(kind, tmp_path):
 
 
 @pytest.mark.distributed
-def test_killed_rank_resumes_to_the_uninterrupted_plan(tmp_path, one_and_two):
-    _, two = one_and_two
-    out = run(tmp_path, "killed", 2, extra_args=["--max-restarts=1"], env_extra={"CIESS_FAIL_AT_STEP": "2"})
-    assert_same_search(out, two, TINY["search"]["budgets"])
+@pytest.mark.parametrize("kind", ["lightgcn", "ngcf"])
+def test_killed_rank_resumes_to_the_uninterrupted_plan(kind, tmp_path, one_and_two):
+    """Rank 1 SIGKILLs itself after step 2; the restarted group reloads the reference (NGCF: its layer weights
+    too) and the step checkpoint, and ends exactly where an uninterrupted run does."""
+    model = {**TINY["model"], "kind": kind}
+    uninterrupted = one_and_two[1] if kind == "lightgcn" else run(tmp_path, "whole", 2, model=model)
+    out = run(tmp_path, "killed", 2, extra_args=["--max-restarts=1"], env_extra={"CIESS_FAIL_AT_STEP": "2"},
+              model=model)
+    assert_same_search(out, uninterrupted, TINY["search"]["budgets"])
 
 
 @pytest.mark.parametrize(

@@ -147,6 +147,10 @@ class ShardedTables:
                     shard.weight.copy_(saved)
         self._load_dense(snapshot["dense"])
 
+    def checkpoint_state(self) -> dict[str, Any]:
+        """The model's weights as views: torch.distributed.checkpoint saves from them and loads into them."""
+        return {"model": self.model.state_dict()}
+
     def gather_tables(self) -> dict[str, torch.Tensor] | None:
         """Rank 0: every table whole [rows, d_max], assembled from the ranks' shards (the export step); else None.
 

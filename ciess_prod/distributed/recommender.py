@@ -10,14 +10,14 @@ ranking. No rank holds another rank's rows beyond what one computation needs:
   them), cut to their sizes (the prefix mask);
 - LightGCN and NGCF propagation is a distributed sparse product: a rank multiplies its rows of D^-1/2 A D^-1/2
   by its own nodes' layer and the layer of its HALO (the neighbours other ranks own), fetched by an all-to-all
-  each layer (differentiable, so gradients flow back to the owners). NGCF's layer weights are replicated, seeded
-  alike, and their gradients summed over the ranks before each Adam step;
+  each layer (differentiable, so gradients flow back to the owners; ``nodes.py``). NGCF's layer weights are
+  replicated, seeded alike, and their gradients summed over the ranks before each Adam step;
 - a BPR batch is drawn the same on every rank from the shared seed; each rank takes its slice and fetches the
   final and ego embeddings of its users and items from their owners. loss = sum over the slice / global batch,
   so the summed gradients equal one process's;
 - ranking is split by users (each rank ranks its own users): item embeddings stream from their owners in pieces,
   each piece is scored and merged into every user's running top-k (ties: lower item index first, as in
-  ``eval.metrics``), so no rank ever holds every item;
+  ``eval.metrics``), so no rank ever holds every item (``ranking.py``);
 - per-row quality is the paper's: eval(user) = mean over k in {5, 10, 20} of (Recall@k + NDCG@k) / 2 on
   validation, eval(item) = mean eval(u) over the item's training users, routed to the item's owner.
 
@@ -33,12 +33,10 @@ from __future__ import annotations
 import copy
 import dataclasses
 import logging
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-import scipy.sparse as sp
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -51,15 +49,15 @@ from ciess_prod.distributed.environment import (
     EBC,
     KeptRows,
     ShardedTables,
-    all_reduce,
     check_batch_size,
     rank_slice,
 )
 from ciess_prod.distributed.layout import route_to_owners
+from ciess_prod.distributed.nodes import Nodes, ShardedGraph
+from ciess_prod.distributed.ranking import Ranking, rank_streamed
 from ciess_prod.distributed.sharding import ShardingConfig
-from ciess_prod.eval.metrics import RankingResult, top_k_items, top_k_metrics, user_quality
+from ciess_prod.eval.metrics import user_quality
 from ciess_prod.models import SIDES
-from ciess_prod.models.graph import normalized_adjacency, sparse_matmul
 from ciess_prod.models.lightgcn import lightgcn_layers
 from ciess_prod.models.ngcf import NGCFLayers
 from ciess_prod.models.sizes import mask_rows
@@ -104,110 +102,6 @@ class RecommenderTables(nn.Module):
 
     def forward(self, ids: KeyedJaggedTensor) -> dict[str, torch.Tensor]:
         return self.ebc(ids).to_dict()
-
-
-# ---- moving node rows between ranks --------------------------------------------------------------------------------
-class _AllToAll(torch.autograd.Function):
-    """Rows [n, d] sent in per-rank splits; the backward sends the gradients back the same way."""
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, send: list[int], recv: list[int]) -> torch.Tensor:  # type: ignore[override]
-        ctx.send, ctx.recv = send, recv
-        return _exchange(x, send, recv)
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
-        return _exchange(grad, ctx.recv, ctx.send), None, None
-
-
-def _exchange(x: torch.Tensor, send: list[int], recv: list[int]) -> torch.Tensor:
-    d = x.shape[1]
-    out = torch.empty(sum(recv) * d, dtype=x.dtype)
-    dist.all_to_all_single(out, x.detach().contiguous().view(-1), output_split_sizes=[c * d for c in recv],
-                           input_split_sizes=[c * d for c in send])
-    return out.view(-1, d)
-
-
-class NodeFetch:
-    """Fetches given rows of a node-sharded tensor from their owners (collective; differentiable).
-
-    ``wanted``: global node ids [n]; ``owner``: their owner ranks [n]; ``local_index``: maps node ids this rank
-    owns to rows of its owned tensor. The requests go out once here; every call then moves values only.
-    """
-
-    def __init__(self, wanted: torch.Tensor, owner: torch.Tensor, local_index: Callable[[torch.Tensor], torch.Tensor]):
-        world = dist.get_world_size()
-        order = torch.argsort(owner, stable=True)
-        self.inverse = torch.argsort(order)
-        asked = torch.bincount(owner, minlength=world)
-        serve = torch.empty_like(asked)
-        dist.all_to_all_single(serve, asked)
-        self.recv, self.send = asked.tolist(), serve.tolist()
-        requests = torch.empty(sum(self.send), dtype=torch.int64)
-        dist.all_to_all_single(requests, wanted[order].contiguous(), output_split_sizes=self.send,
-                               input_split_sizes=self.recv)
-        self.serve_rows = local_index(requests)
-
-    def __call__(self, owned: torch.Tensor) -> torch.Tensor:
-        """Rows of ``wanted`` in its order [n, d], from every rank's ``owned`` [n_owned, d]."""
-        return _AllToAll.apply(owned[self.serve_rows], self.send, self.recv)[self.inverse]
-
-
-@dataclass
-class Nodes:
-    """The graph's nodes (users, then items offset by n_users) and which rank owns each."""
-
-    n_users: int
-    n_items: int
-    owned: torch.Tensor  # sorted global node ids this rank owns [n_owned]
-    user_span: tuple[int, int] | None
-    item_span: tuple[int, int] | None
-    user_owner: Callable[[torch.Tensor], torch.Tensor]
-    item_owner: Callable[[torch.Tensor], torch.Tensor]
-
-    @property
-    def n_owned_users(self) -> int:
-        return 0 if self.user_span is None else self.user_span[1] - self.user_span[0]
-
-    def owner(self, nodes: torch.Tensor) -> torch.Tensor:
-        is_user = nodes < self.n_users
-        out = torch.empty_like(nodes)
-        out[is_user] = self.user_owner(nodes[is_user])
-        out[~is_user] = self.item_owner(nodes[~is_user] - self.n_users)
-        return out
-
-    def local_index(self, nodes: torch.Tensor) -> torch.Tensor:
-        """Row of each owned node in the owned tensor (owned users first, then owned items)."""
-        index = torch.searchsorted(self.owned, nodes)
-        if len(nodes) and (index.max() >= len(self.owned) or not torch.equal(self.owned[index], nodes)):
-            raise ValueError("asked for nodes this rank does not own")
-        return index
-
-    def fetch(self, nodes: torch.Tensor) -> NodeFetch:
-        return NodeFetch(nodes, self.owner(nodes), self.local_index)
-
-
-class ShardedGraph:
-    """This rank's rows of D^-1/2 A D^-1/2 over (owned nodes, then halo nodes), and the halo's fetch."""
-
-    def __init__(self, train: sp.csr_matrix, nodes: Nodes) -> None:
-        rows = normalized_adjacency(train)[nodes.owned.numpy()]
-        columns = np.unique(rows.indices)
-        owned = nodes.owned.numpy()
-        position = np.searchsorted(owned, columns).clip(max=max(len(owned) - 1, 0))
-        is_owned = (owned[position] == columns) if len(owned) else np.zeros(len(columns), dtype=bool)
-        halo = columns[~is_owned]
-        column_of = np.empty(int(columns.max()) + 1 if len(columns) else 0, dtype=np.int64)
-        column_of[columns[is_owned]] = position[is_owned]
-        column_of[halo] = len(owned) + np.arange(len(halo))
-        shape = (len(owned), len(owned) + len(halo))
-        self.matrix = sp.csr_matrix((rows.data, column_of[rows.indices], rows.indptr), shape=shape)
-        self.transposed = self.matrix.T.tocsr()
-        self.halo = nodes.fetch(torch.from_numpy(halo.astype(np.int64)))
-
-    def propagate(self, layer: torch.Tensor) -> torch.Tensor:
-        """The next layer of the owned nodes from their current layer [n_owned, d] (collective)."""
-        return sparse_matmul(self.matrix, self.transposed, torch.cat([layer, self.halo(layer)]))
 
 
 # ---- the environment -----------------------------------------------------------------------------------------------
@@ -278,6 +172,10 @@ class RecEnvironment(ShardedTables):
         if self.layers is not None:
             self.layers.load_state_dict(self.layers_init)
 
+    def checkpoint_state(self) -> dict[str, Any]:
+        state = super().checkpoint_state()
+        return state if self.layers is None else {**state, "layers": self.layers.state_dict()}
+
     def snapshot(self) -> dict[str, Any]:
         layers = copy.deepcopy(self.layers.state_dict()) if self.layers is not None else None
         return {**super().snapshot(), "layers": layers}
@@ -299,6 +197,7 @@ class RecEnvironment(ShardedTables):
         data, graph = data or self.dataset, graph or self.graph
         optimizer = torch.optim.Adam(self.layers.parameters(), lr=schedule.lr) if self.layers is not None else None
         sampler = BPRSampler(data.train, batch_size=cfg.batch_size, seed=seed, mode=cfg.sampling)
+        torch.manual_seed(seed * 7919 + dist.get_rank())  # NGCF's dropout: seeded per fit, so a resumed run repeats it
         early_stop = n_batches is None and data.val.nnz > 0
         total = cfg.max_batches if n_batches is None else n_batches
         best, best_val, stale = None, {}, 0
@@ -381,39 +280,11 @@ class RecEnvironment(ShardedTables):
         data = data or self.dataset
         targets, exclude = (data.val, [data.train]) if split == "val" else (data.test, [data.train, data.val])
         self.train_mode(False)
-        graph = graph or self.graph_of(data)
-        final = self.final(self.ego(), graph)
+        final = self.final(self.ego(), graph or self.graph_of(data))
         n_owned_users = self.nodes.n_owned_users
-        users_emb, items_emb = final[:n_owned_users], final[n_owned_users:]
         users = self.nodes.owned[:n_owned_users].numpy()
-        k, chunk = max(REPORT_KS), self.config.train.eval_chunk
-        top_scores = torch.full((len(users), k), -torch.inf, dtype=torch.float64)
-        top_items = torch.full((len(users), k), data.n_items, dtype=torch.int64)  # padding: no item
-        excluded = [m[users] for m in exclude]
-        piece = self.config.item_piece
-        for shard in self.layouts["item"].primary:  # every owner streams its items, one piece at a time
-            for lo in range(0, shard.rows, piece):
-                hi = min(lo + piece, shard.rows)
-                mine = shard.rank == dist.get_rank()
-                emb = items_emb[lo:hi].contiguous() if mine else torch.empty(hi - lo, self.out_dim)
-                dist.broadcast(emb, src=shard.rank)
-                first = shard.row_offset + lo
-                for start in range(0, len(users), chunk):
-                    part = slice(start, start + chunk)
-                    scores = (users_emb[part] @ emb.T).to(torch.float64)
-                    for m in excluded:
-                        block = m[part, first : first + hi - lo].tocoo()
-                        scores[torch.from_numpy(block.row).long(), torch.from_numpy(block.col).long()] = -torch.inf
-                    best = top_k_items(scores, k)
-                    merged_scores = torch.cat([top_scores[part], scores.gather(1, best)], dim=1)
-                    merged_items = torch.cat([top_items[part], best + first], dim=1)
-                    by_item = torch.argsort(merged_items, dim=1, stable=True)  # ties: lower item first
-                    order = by_item.gather(1, torch.argsort(merged_scores.gather(1, by_item), dim=1,
-                                                            descending=True, stable=True))[:, :k]
-                    top_scores[part], top_items[part] = merged_scores.gather(1, order), merged_items.gather(1, order)
-        recall, ndcg = top_k_metrics(top_items, targets, users, REPORT_KS)
-        has_target = torch.from_numpy(np.diff(targets.indptr)[users] > 0)
-        return Ranking(RankingResult(REPORT_KS, recall, ndcg, has_target), data.n_users)
+        return rank_streamed(users, final[:n_owned_users], final[n_owned_users:], self.layouts["item"].primary,
+                             targets, exclude, REPORT_KS, self.config.train.eval_chunk, self.config.item_piece)
 
     def row_quality(self, kept: KeptRows) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
         """eval(user) of the owned users and eval(item) of the owned items on validation, and the mean Recall@20."""
@@ -445,17 +316,3 @@ class RecEnvironment(ShardedTables):
 
     def model_meta(self, plan: DimensionPlan) -> dict[str, Any]:
         return model_meta(self.config, plan)
-
-
-@dataclass
-class Ranking:
-    """This rank's users' metrics, and their means over ALL users of the dataset (all-reduced on creation)."""
-
-    result: RankingResult
-    n_users: int
-    means: dict[str, float] = field(init=False)
-
-    def __post_init__(self) -> None:
-        names = [f"{m}@{k}" for k in self.result.ks for m in ("recall", "ndcg")]
-        sums = [float(getattr(self.result, m)[k].sum()) for k in self.result.ks for m in ("recall", "ndcg")]
-        self.means = {n: s / self.n_users for n, s in zip(names, all_reduce(*sums), strict=True)}

@@ -70,6 +70,7 @@ class SearchTask(Protocol):
     model: torch.nn.Module
 
     def row_counts(self) -> list[np.ndarray]: ...  # per table: training occurrences of every row
+    def checkpoint_state(self) -> dict[str, Any]: ...  # every weight, as views DCP saves from and loads into
     def reset_fresh(self) -> None: ...
     def snapshot_reference(self) -> None: ...
     def reset_to_reference(self) -> None: ...
@@ -165,9 +166,9 @@ def run_sharded_search(
     full = env.apply_sizes(kept, full_sizes(kept, d_max))
     if latest_step(reference_dir) is None:
         env.train_reference(full)
-        save_state(reference_dir, 0, {"model": env.model.state_dict()})
+        save_state(reference_dir, 0, env.checkpoint_state())
     else:
-        load_state(reference_dir, 0, {"model": env.model.state_dict()})
+        load_state(reference_dir, 0, env.checkpoint_state())
     env.snapshot_reference()
     ref_raw, ref_summary = env.row_quality(kept)
 
