@@ -9,7 +9,7 @@ import logging
 import sys
 from pathlib import Path
 
-from ciess_prod.config import ConfigError, load_yaml
+from ciess_prod.config import ConfigError, load_yaml, read_yaml_mapping
 
 
 def _cmd_data_fetch(args: argparse.Namespace) -> int:
@@ -42,9 +42,16 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+SHARDED_ONLY_KEYS = {"task", "sharding", "item_piece"}  # config keys only training/search.py's sharded search reads
+
+
 def _cmd_search(args: argparse.Namespace) -> int:
     from ciess_prod.search.search import SearchExperimentConfig, run_search
 
+    sharded_keys = SHARDED_ONLY_KEYS & set(read_yaml_mapping(args.config))
+    if sharded_keys:
+        raise ConfigError(f"{args.config}: {sorted(sharded_keys)} belong to the sharded search; run it with "
+                          f"torchrun --nproc_per_node=N training/search.py --config {args.config}")
     config = load_yaml(SearchExperimentConfig, args.config)
     if args.output_dir:
         config = dataclasses.replace(config, output_dir=args.output_dir)

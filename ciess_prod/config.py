@@ -114,8 +114,8 @@ def to_dict(config: Any) -> dict[str, Any]:
     return plain(config)
 
 
-def load_yaml(cls: type[T], path: str | Path) -> T:
-    """Loads ``cls`` from a YAML file; relative paths inside stay as written (resolved by the caller)."""
+def read_yaml_mapping(path: str | Path) -> dict[str, Any]:
+    """The top-level mapping of a YAML config file (empty for an empty file)."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
@@ -123,4 +123,13 @@ def load_yaml(cls: type[T], path: str | Path) -> T:
         data = yaml.safe_load(path.read_text())
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
-    return from_dict(cls, data, where=str(path))
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping, got {type(data).__name__} {data!r}")
+    return data
+
+
+def load_yaml(cls: type[T], path: str | Path) -> T:
+    """Loads ``cls`` from a YAML file; relative paths inside stay as written (resolved by the caller)."""
+    return from_dict(cls, read_yaml_mapping(path), where=str(path))

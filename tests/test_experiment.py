@@ -105,6 +105,14 @@ def test_cli_reports_bad_config_in_one_line(tmp_path, capsys):
     assert "d_maxx" in err and str(path) in err and "\n" not in err
 
 
+def test_cli_search_points_sharded_configs_to_torchrun(tmp_path, capsys):
+    path = tmp_path / "ctr.yaml"
+    path.write_text((Path(__file__).resolve().parent.parent / "configs" / "ctr-smoke.yaml").read_text())
+    assert main(["search", "--config", str(path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "['sharding', 'task']" in err and "training/search.py" in err and str(path) in err and "\n" not in err
+
+
 @pytest.mark.parametrize(
     "data, message",
     [
@@ -124,6 +132,7 @@ def test_config_validation_names_the_problem(data, message):
 
 def test_committed_configs_load():
     from ciess_prod.distributed.ctr import CTRSearchExperimentConfig
+    from ciess_prod.distributed.recommender import ShardedSearchExperimentConfig
     from ciess_prod.search.search import SearchExperimentConfig
 
     for path in sorted(Path(__file__).resolve().parent.parent.glob("configs/*.yaml")):
@@ -133,6 +142,8 @@ def test_committed_configs_load():
         else:
             kind = SearchExperimentConfig if "search" in raw else ExperimentConfig
         assert isinstance(load_yaml(kind, path), kind), path
+        if kind is SearchExperimentConfig and raw["model"].get("kind") != "neumf":  # runs sharded as well
+            assert isinstance(load_yaml(ShardedSearchExperimentConfig, path), ShardedSearchExperimentConfig), path
 
 
 def test_cli_fetch_fails_cleanly_offline(tmp_path, capsys, monkeypatch):

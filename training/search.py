@@ -24,9 +24,7 @@ import torch.distributed as dist
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-import yaml  # noqa: E402
-
-from ciess_prod.config import load_yaml  # noqa: E402
+from ciess_prod.config import ConfigError, load_yaml, read_yaml_mapping  # noqa: E402
 from ciess_prod.data import load_dataset  # noqa: E402
 from ciess_prod.distributed.ctr import CTREnvironment, CTRSearchExperimentConfig, load_ctr_data  # noqa: E402
 from ciess_prod.distributed.environment import process_device  # noqa: E402
@@ -69,8 +67,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", force=True)
 
-    raw = yaml.safe_load(Path(args.config).read_text()) or {}
-    ctr = isinstance(raw, dict) and raw.get("task") == "ctr"
+    ctr = read_yaml_mapping(args.config).get("task") == "ctr"
     sharded = ctr or args.sharded or int(os.environ.get("WORLD_SIZE", "1")) > 1
     if sharded:
         if "WORLD_SIZE" not in os.environ:  # a sharded search started without torchrun: a group of one
@@ -110,4 +107,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except ConfigError as exc:  # a bad config: one line that names the file and the problem
+        print(f"training/search.py: error: {exc}", file=sys.stderr)
+        sys.exit(2)
