@@ -91,13 +91,29 @@ def test_every_sharding_type_runs_the_search(kind, tmp_path):
 
 
 @pytest.mark.distributed
-@pytest.mark.parametrize("kind", ["mf", "ngcf"])
+@pytest.mark.parametrize("kind", ["mf", "ngcf", "neumf"])
 def test_every_other_sharded_model_kind_runs(kind, tmp_path):
-    out = run(tmp_path, kind, 2, model={"kind": kind, "d_max": 16, "n_layers": 2, "dropout": 0.1},
-              search={**TINY["search"], "episodes": 1})
+    model = {"kind": kind, "d_max": 16, "n_layers": 2, "dropout": 0.1, "mlp_layers": [32, 16]}
+    out = run(tmp_path, kind, 2, model=model, search={**TINY["search"], "episodes": 1})
     for c, plan in plans(out).items():
         assert plan.model == kind and plan.fits_budget()
-        # NGCF: the replicated layer weights travel with the gathered tables into the single-process model
+        # NGCF's layers and NeuMF's head (replicated) travel with the gathered tables into the single-process model
+        assert evaluate_checkpoint(out / "models" / f"c{c:.2f}", "test") == pytest.approx(plan.metrics["test"],
+                                                                                           abs=1e-9)
+
+
+@pytest.mark.distributed
+def test_neumf_tables_of_one_side_may_be_sharded_differently(tmp_path):
+    """A user's GMF row (table-wise, on one rank) and MLP row (row-wise, split) share one size: the rank keeping
+    the user's state sends it to wherever the other table holds the row."""
+    model = {"kind": "neumf", "d_max": 16, "mlp_layers": [32, 16]}
+    sharding = {"default": "table_wise", "tables": {"user_mlp": "row_wise", "item_mlp": "column_wise"}, "lr": 0.05}
+    out = run(tmp_path, "mixed", 2, model=model, sharding=sharding, search={**TINY["search"], "episodes": 1},
+              protocol="train_only")
+    summary = json.loads((out / "search.json").read_text())
+    assert summary["sharding"]["user_mlp"] == "row_wise" and summary["sharding"]["user_gmf"] == "table_wise"
+    for c, plan in plans(out).items():
+        assert plan.fits_budget() and set(plan.sizes) == {"user", "item"}
         assert evaluate_checkpoint(out / "models" / f"c{c:.2f}", "test") == pytest.approx(plan.metrics["test"],
                                                                                            abs=1e-9)
 
@@ -117,7 +133,7 @@ def test_killed_rank_resumes_to_the_uninterrupted_plan(kind, tmp_path, one_and_t
 @pytest.mark.parametrize(
     ("change", "message"),
     [
-        ({"model": {"kind": "neumf", "d_max": 16}}, "run NeuMF searches in one process"),
+        ({"sharding": {"default": "diagonal"}}, "sharding.default: 'diagonal' is not one of"),
         ({"search": {**TINY["search"], "fill_budget": True}}, "fill_budget"),
         ({"item_piece": 0}, "item_piece"),
     ],

@@ -142,7 +142,7 @@ def test_committed_configs_load():
         else:
             kind = SearchExperimentConfig if "search" in raw else ExperimentConfig
         assert isinstance(load_yaml(kind, path), kind), path
-        if kind is SearchExperimentConfig and raw["model"].get("kind") != "neumf":  # runs sharded as well
+        if kind is SearchExperimentConfig:  # every search config runs sharded as well
             assert isinstance(load_yaml(ShardedSearchExperimentConfig, path), ShardedSearchExperimentConfig), path
 
 

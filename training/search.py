@@ -108,7 +108,14 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     try:
-        sys.exit(main())
+        code = main()
     except ConfigError as exc:  # a bad config: one line that names the file and the problem
         print(f"training/search.py: error: {exc}", file=sys.stderr)
         sys.exit(2)
+    # Everything is written and the process group destroyed. Skip the interpreter's finalisation: gloo worker
+    # threads can still hold tensors then, and freeing them there aborts the process now and then ("terminate
+    # called without an active exception", seen after complete runs), which torchrun reports as a failure.
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)

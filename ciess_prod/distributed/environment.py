@@ -100,24 +100,32 @@ class ShardedTables:
     Tables are initialised from a hash of (seed, table, row, column) (``rows.init_shards``), so the model is the
     same whatever the sharding and world size; the dense rest (if any) from ``torch.manual_seed(seed)`` before
     the caller built it.
+
+    ``row_groups`` names the rows the search sizes: group -> the EBC tables whose rows share its sizes (NeuMF's
+    user rows live in a GMF and an MLP table). ``tables``/``layouts`` are the groups (the first table of a group
+    speaks for its rows); ``physical``/``physical_layouts`` the EBC's tables. Default: one group per table.
     """
 
     def __init__(
-        self, model: nn.Module, sharding: ShardingConfig, device: torch.device, d_max: int, init_std: float, seed: int
+        self, model: nn.Module, sharding: ShardingConfig, device: torch.device, d_max: int, init_std: float, seed: int,
+        row_groups: dict[str, list[str]] | None = None,
     ) -> None:
         self.device, self.d_max, self.init_std, self.seed = device, d_max, init_std, seed
-        self.tables = [c.name for c in model.get_submodule(EBC).embedding_bag_configs()]
-        self.table_ids = {t: i for i, t in enumerate(self.tables)}
+        self.physical = [c.name for c in model.get_submodule(EBC).embedding_bag_configs()]
+        self.row_groups = row_groups or {t: [t] for t in self.physical}
+        self.table_ids = {t: i for i, t in enumerate(self.physical)}
         self.dense_init = {k: v.detach().clone() for k, v in model.state_dict().items() if not k.startswith(EBC)}
         self.model = shard_model(model, EBC, sharding, device)
-        self.layouts = table_layouts(self.model.plan, EBC, self.tables)
-        self.shards: dict[str, list[LocalShard]] = local_shards(self.model, self.tables)
+        self.physical_layouts = table_layouts(self.model.plan, EBC, self.physical)
+        self.tables = list(self.row_groups)
+        self.layouts = {g: self.physical_layouts[group[0]] for g, group in self.row_groups.items()}
+        self.shards: dict[str, list[LocalShard]] = local_shards(self.model, self.physical)
         self.held = {t: held_rows(s) for t, s in self.shards.items()}  # rows of any local shard (any column)
         self.reference: dict[str, Any] | None = None
 
     @property
     def sharding_types(self) -> dict[str, str]:
-        return {t: self.model.plan.plan[EBC][t].sharding_type for t in self.tables}
+        return {t: self.model.plan.plan[EBC][t].sharding_type for t in self.physical}
 
     # -- state of the weights
     def reset_fresh(self) -> None:
@@ -163,8 +171,8 @@ class ShardedTables:
         if dist.get_rank() != 0:
             return None
         tables = {}
-        for t in self.tables:
-            full = torch.zeros(self.layouts[t].rows, self.d_max)
+        for t in self.physical:
+            full = torch.zeros(self.physical_layouts[t].rows, self.d_max)
             for rank_pieces in gathered:
                 for row, col, weight in rank_pieces[t]:
                     full[row : row + weight.shape[0], col : col + weight.shape[1]] = weight
@@ -199,25 +207,29 @@ class ShardedTables:
 
     # -- sizes
     def apply_sizes(self, kept: KeptRows, sizes: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """Enforces the kept rows' sizes, sharing them with column-wise co-holders; returns held-row sizes."""
+        """Enforces the kept rows' sizes (per group) on every table of the group, sharing them with every other
+        holder of those rows (column-wise co-holders; a group's tables placed elsewhere); returns the sizes of
+        each table's held rows."""
         held_sizes = {}
-        for t in self.tables:
-            layout, held = self.layouts[t], self.held[t]
-            if layout.replicated_rows:  # every holder of these rows needs their sizes: the primary broadcasts
-                full = torch.zeros(layout.rows, dtype=torch.int64)
-                for shard in layout.primary:
-                    part = full[shard.row_offset : shard.row_offset + shard.rows]
-                    if shard.rank == dist.get_rank():
-                        part.copy_(sizes[t])
-                    dist.broadcast(part.contiguous(), src=shard.rank)
-                    full[shard.row_offset : shard.row_offset + shard.rows] = part
-                held_sizes[t] = full[held[0] : held[1]] if held else full[:0]
-            else:
-                held_sizes[t] = sizes[t] if held else torch.zeros(0, dtype=torch.int64)
-            enforce_sizes(self.shards[t], held_sizes[t])
+        for g, group in self.row_groups.items():
+            speaker = self.layouts[g]
+            for t in group:
+                layout, held = self.physical_layouts[t], self.held[t]
+                if layout.replicated_rows or layout.shards != speaker.shards:  # the primaries broadcast
+                    full = torch.zeros(speaker.rows, dtype=torch.int64)
+                    for shard in speaker.primary:
+                        part = full[shard.row_offset : shard.row_offset + shard.rows]
+                        if shard.rank == dist.get_rank():
+                            part.copy_(sizes[g])
+                        dist.broadcast(part.contiguous(), src=shard.rank)
+                        full[shard.row_offset : shard.row_offset + shard.rows] = part
+                    held_sizes[t] = full[held[0] : held[1]] if held else full[:0]
+                else:
+                    held_sizes[t] = sizes[g] if held else torch.zeros(0, dtype=torch.int64)
+                enforce_sizes(self.shards[t], held_sizes[t])
         return held_sizes
 
     def enforce(self, held_sizes: dict[str, torch.Tensor]) -> None:
         """Re-zeroes trailing columns after a fused-optimizer step."""
-        for t in self.tables:
+        for t in self.physical:
             enforce_sizes(self.shards[t], held_sizes[t])

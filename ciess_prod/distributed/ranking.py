@@ -8,6 +8,7 @@ result equals the single-process ranking of the same embeddings.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -45,12 +46,14 @@ def rank_streamed(
     ks: tuple[int, ...],
     chunk: int,
     piece: int,
+    score: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = lambda users, items: users @ items.T,
 ) -> Ranking:
     """Ranks every item for this rank's ``users`` (collective).
 
     users: global ids [U_r]; user_emb [U_r, d] their final embeddings; item_emb [I_r, d] the final embeddings of
     this rank's primary item rows; item_shards: every primary item range (``TableLayout.primary``); exclude:
-    interaction matrices whose items are never ranked. ``chunk`` users and ``piece`` items are scored at once.
+    interaction matrices whose items are never ranked. ``chunk`` users and ``piece`` items are scored at once, by
+    ``score`` ([B, d] users x [P, d] items -> [B, P]; default the dot product).
     """
     n_items, k = targets.shape[1], max(ks)
     top_scores = torch.full((len(users), k), -torch.inf, dtype=torch.float64)
@@ -65,7 +68,7 @@ def rank_streamed(
             first = shard.row_offset + lo
             for start in range(0, len(users), chunk):
                 part = slice(start, start + chunk)
-                scores = (user_emb[part] @ emb.T).to(torch.float64)
+                scores = score(user_emb[part], emb).to(torch.float64)
                 for m in excluded:
                     block = m[part, first : first + hi - lo].tocoo()
                     scores[torch.from_numpy(block.row).long(), torch.from_numpy(block.col).long()] = -torch.inf
