@@ -12,6 +12,15 @@ import yaml
 from ciess_prod.search import DimensionPlan
 
 ROOT = Path(__file__).resolve().parent.parent
+TINY_SEARCH = {  # a few seconds of search for the multi-process tests
+    "budgets": [0.8, 0.9],
+    "episodes": 2,
+    "steps_per_episode": 3,
+    "top_l": 1,
+    "replay_bytes": 1 << 21,
+    "td3": {"batch_size": 128},
+    "environment": {"batches": 5},
+}
 
 
 def run_search(

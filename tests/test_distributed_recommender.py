@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from searchrun import ROOT, assert_same_search, run_search
+from searchrun import ROOT, TINY_SEARCH, assert_same_search, run_search
 
 from ciess_prod.experiment import evaluate_checkpoint
 from ciess_prod.search import DimensionPlan
@@ -22,15 +22,7 @@ TINY = {
     "train": {"lr": 0.01, "batch_size": 512, "max_batches": 80, "eval_every": 20, "patience": 2, "eval_chunk": 64},
     "sharding": {"default": "row_wise", "lr": 0.05},
     "item_piece": 48,  # several pieces per owner: the streamed ranking merges across pieces and ranks
-    "search": {
-        "budgets": [0.8, 0.9],
-        "episodes": 2,
-        "steps_per_episode": 3,
-        "top_l": 1,
-        "replay_bytes": 1 << 21,
-        "td3": {"batch_size": 128},
-        "environment": {"batches": 5},
-    },
+    "search": TINY_SEARCH,
     "protocol": "final",
 }
 

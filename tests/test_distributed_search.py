@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from searchrun import ROOT, assert_same_search, run_search
+from searchrun import ROOT, TINY_SEARCH, assert_same_search, run_search
 
 from ciess_prod.search import DimensionPlan
 
@@ -18,15 +18,7 @@ TINY = {
     "model": {"d_max": 32, "bottom_mlp": [16, 32], "top_mlp": [16]},
     "sharding": {"default": "auto"},
     "train": {"batch_size": 256, "reference_batches": 40, "final_batches": 40, "eval_batch": 2048},
-    "search": {
-        "budgets": [0.8, 0.9],
-        "episodes": 2,
-        "steps_per_episode": 3,
-        "top_l": 1,
-        "replay_bytes": 1 << 21,
-        "td3": {"batch_size": 128},
-        "environment": {"batches": 5},
-    },
+    "search": TINY_SEARCH,
 }
 
 

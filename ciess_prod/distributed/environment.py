@@ -66,11 +66,6 @@ class KeptRows:
         span = self.span[table]
         return 0 if span is None else span[1] - span[0]
 
-    def rows(self, table: str) -> torch.Tensor:
-        """Global row ids of the kept rows of ``table`` (int64)."""
-        span = self.span[table]
-        return torch.arange(span[0], span[1]) if span else torch.zeros(0, dtype=torch.int64)
-
 
 def kept_rows(layouts: dict[str, TableLayout], counts: list[np.ndarray], log_scale: bool) -> KeptRows:
     """Spans from the layout; popularity = min-max of the counts (``log_scale``: of log(1 + count)) within each

@@ -70,16 +70,10 @@ class Nodes:
     """The graph's nodes (users, then items offset by n_users) and which rank owns each."""
 
     n_users: int
-    n_items: int
-    owned: torch.Tensor  # sorted global node ids this rank owns [n_owned]
-    user_span: tuple[int, int] | None
-    item_span: tuple[int, int] | None
+    owned: torch.Tensor  # sorted global node ids this rank owns [n_owned]: its users, then its items
+    n_owned_users: int
     user_owner: Callable[[torch.Tensor], torch.Tensor]
     item_owner: Callable[[torch.Tensor], torch.Tensor]
-
-    @property
-    def n_owned_users(self) -> int:
-        return 0 if self.user_span is None else self.user_span[1] - self.user_span[0]
 
     def owner(self, nodes: torch.Tensor) -> torch.Tensor:
         is_user = nodes < self.n_users

@@ -128,7 +128,7 @@ class RecEnvironment(ShardedTables):
                  torch.arange(*spans["item"]) + dataset.n_users if spans["item"] else torch.zeros(0, dtype=torch.int64)]
         # row-wise pooled outputs are reduce-scattered: every rank must send the same number of bags
         self.stride = int(max(all_reduce(*(float(len(o)) for o in owned), 1.0, op=dist.ReduceOp.MAX)))
-        self.nodes = Nodes(dataset.n_users, dataset.n_items, torch.cat(owned), spans["user"], spans["item"],
+        self.nodes = Nodes(dataset.n_users, torch.cat(owned), len(owned[0]),
                            self.layouts["user"].owners, self.layouts["item"].owners)
         graph_model = config.model.kind in ("lightgcn", "ngcf")
         self.graph = ShardedGraph(dataset.train, self.nodes) if config.model.n_layers and graph_model else None
