@@ -1,9 +1,10 @@
 """CIESS on MovieLens-1M (LightGCN, warm protocol) against MR, frequency and the no-walk ablation.
 
-Appends to bench/results/ml1m.jsonl one row per budget and method (`ciess`, `ciess_no_walk`, `mr`, `freq`),
-with the same keys as bench/ml1m_baselines.py plus `search_seconds` and `peak_rss_mb`. Every row is tested
-under the same protocol as the `es` rows (configs/ml1m-search.yaml: `final`). Takes hours on 2 cores: run it
-in the background with a log.
+Appends to bench/results/ml1m.jsonl one row per budget and method, with the same keys as
+bench/ml1m_baselines.py plus `search_seconds` and `peak_rss_mb`. Methods: `ciess`, `ciess_no_walk`, `mr`, `freq`,
+and `ciess_fill` (the finished `ciess` search retrained with `search.fill_budget`). Every row is tested under the
+same protocol as the `es` rows (configs/ml1m-search.yaml: `final`). Takes hours on 2 cores: run it in the
+background with a log.
 
     OMP_NUM_THREADS=1 python bench/ml1m_search.py > ml1m_search.log 2>&1 &
 """
@@ -12,8 +13,11 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import logging
+import os
 import resource
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -30,7 +34,7 @@ from ciess_prod.io import append_jsonl  # noqa: E402
 from ciess_prod.models import SIDES, build_model  # noqa: E402
 from ciess_prod.search import DimensionPlan  # noqa: E402
 from ciess_prod.search.baselines import frequency_sizes, random_sizes  # noqa: E402
-from ciess_prod.search.search import SearchExperimentConfig, run_search  # noqa: E402
+from ciess_prod.search.search import STATE_FILE, SearchExperimentConfig, run_search  # noqa: E402
 from ciess_prod.train.protocol import train_and_test  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results" / "ml1m.jsonl"
@@ -66,6 +70,33 @@ def row(config: SearchExperimentConfig, method: str, c: float, sizes: dict, test
     }
 
 
+SEARCHES = ("ciess", "ciess_no_walk", "ciess_fill")
+
+
+def variant(base: SearchExperimentConfig, method: str) -> SearchExperimentConfig:
+    """The config of one search method; the variants reuse the `ciess` run's reference model (same recipe)."""
+    if method == "ciess":
+        return base
+    if method == "ciess_no_walk":
+        search = dataclasses.replace(base.search, exploration=dataclasses.replace(base.search.exploration, walk=False))
+        suffix = "-no-walk"
+    else:  # ciess_fill: only the final retraining differs, so the search steps are the `ciess` run's
+        search, suffix = dataclasses.replace(base.search, fill_budget=True), "-fill"
+    return dataclasses.replace(base, search=search, output_dir=base.output_dir + suffix,
+                               reference_dir=str(ROOT / base.output_dir / "reference"))
+
+
+def reuse_search_state(source: Path, dest: Path) -> None:
+    """Starts `ciess_fill` from the finished `ciess` search (its 300 steps) so that only the retraining runs."""
+    if (dest / STATE_FILE).is_file():
+        return
+    if not (source / "search.json").is_file() or not json.loads((source / "search.json").read_text())["finished"]:
+        raise SystemExit(f"ciess_fill reuses the finished `ciess` search in {source}: run --methods ciess first")
+    dest.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(source / STATE_FILE, dest / (STATE_FILE + ".tmp"))
+    os.replace(dest / (STATE_FILE + ".tmp"), dest / STATE_FILE)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", type=Path, default=ROOT / "configs" / "ml1m-search.yaml")
@@ -79,18 +110,12 @@ def main(argv: list[str] | None = None) -> int:
     dataset = load_dataset(base.data, ROOT)
 
     for method in args.methods:
-        if method in ("ciess", "ciess_no_walk"):
-            config = base
-            if method == "ciess_no_walk":
-                exploration = dataclasses.replace(base.search.exploration, walk=False)
-                config = dataclasses.replace(
-                    base,
-                    search=dataclasses.replace(base.search, exploration=exploration),
-                    output_dir=base.output_dir + "-no-walk",
-                    reference_dir=str(ROOT / base.output_dir / "reference"),  # same recipe: train it once
-                )
+        if method in SEARCHES:
+            config = variant(base, method)
             config = dataclasses.replace(config, output_dir=str(ROOT / config.output_dir))
-            summary = run_search(config, base_dir=ROOT, resume=args.resume)
+            if method == "ciess_fill":
+                reuse_search_state(ROOT / base.output_dir, Path(config.output_dir))
+            summary = run_search(config, base_dir=ROOT, resume=args.resume or method == "ciess_fill")
             for c in config.search.budgets:
                 plan = DimensionPlan.load(Path(config.output_dir) / "plans" / f"c{c:.2f}")
                 record = row(config, method, c, plan.sizes, plan.metrics["test"], summary["total_seconds"],
