@@ -42,17 +42,38 @@ def read(name: str) -> list[dict]:
 
 def ml1m_table() -> None:
     rows = read("ml1m.jsonl")
-    print("| model | method | c | protocol | retrain length | R@20 | N@20 | R@5 | N@5 | vs paper (R@20 / N@20) | "
-          "embedding bytes | wall s | git |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    print("| model | method | c | achieved | protocol | retrain length | R@20 | N@20 | R@5 | N@5 | "
+          "vs paper (R@20 / N@20) | embedding bytes | wall s | git |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         paper = (PAPER_CIESS if r["method"].startswith("ciess") else PAPER_ES).get(r["model"], {})
         ref = paper.get(r["target_sparsity"])
         vs = f"{r['recall@20'] / ref[0]:.1%} / {r['ndcg@20'] / ref[1]:.1%}" if ref and r["method"] != "full" else "-"
         length = r.get("final_length", "batches")
-        print(f"| {r['model']} | {r['method']} | {r['target_sparsity']} | {r['protocol']} | {length} | "
+        print(f"| {r['model']} | {r['method']} | {r['target_sparsity']} | {r['achieved_sparsity']:.3f} | "
+              f"{r['protocol']} | {length} | "
               f"{r['recall@20']:.4f} | {r['ndcg@20']:.4f} | {r['recall@5']:.4f} | {r['ndcg@5']:.4f} | {vs} | "
               f"{r['embedding_bytes']:,} | {r['wall_seconds']:.0f} | {r['git_sha'][:7]} |")
+
+
+SIZE_METHODS = ("es", "mr", "freq", "ciess", "ciess_no_walk", "ciess_fill")
+
+
+def ml1m_compare_table() -> None:
+    """LightGCN's size methods side by side per budget: the latest `final`-protocol, epoch-length row of each."""
+    latest = {}
+    for r in read("ml1m.jsonl"):
+        if r["model"] == "lightgcn" and r["method"] in SIZE_METHODS and r.get("final_length") == "epochs":
+            latest[r["method"], r["target_sparsity"]] = r
+    methods = [m for m in SIZE_METHODS if any(m == key[0] for key in latest)]
+    print("| c | " + " | ".join(methods) + " |")
+    print("|---" * (len(methods) + 1) + "|")
+    for c in sorted({key[1] for key in latest}):
+        cells = []
+        for m in methods:
+            r = latest.get((m, c))
+            cells.append(f"{r['recall@20']:.4f} / {r['ndcg@20']:.4f} ({r['achieved_sparsity']:.3f})" if r else "-")
+        print(f"| {c} | " + " | ".join(cells) + " |")
 
 
 def rl_table() -> None:
@@ -100,7 +121,14 @@ def scaling_table() -> None:
               f"| {r['git_sha'][:7]} |")
 
 
-TABLES = {"ml1m": ml1m_table, "rl": rl_table, "memory": memory_table, "lookup": lookup_table, "scaling": scaling_table}
+TABLES = {
+    "ml1m": ml1m_table,
+    "ml1m-compare": ml1m_compare_table,
+    "rl": rl_table,
+    "memory": memory_table,
+    "lookup": lookup_table,
+    "scaling": scaling_table,
+}
 
 
 def update_docs(path: Path = ROOT / "docs" / "benchmarks.md") -> None:
