@@ -1,0 +1,72 @@
+"""bench/ml1m_search.py's search variants (ciess_fill reuses the finished ciess search) and summarize's side-by-side
+table of the size methods."""
+
+import dataclasses
+import json
+from pathlib import Path
+
+import pytest
+
+from bench import summarize
+from bench.ml1m_search import STATE_FILE, reuse_search_state, variant
+from ciess_prod.search import DimensionPlan
+from ciess_prod.search.search import run_search
+from tests.test_search import TINY
+
+
+def test_variants_change_only_their_switch():
+    base = dataclasses.replace(TINY, output_dir="/data/run")
+    assert variant(base, "ciess") is base
+    no_walk, fill = variant(base, "ciess_no_walk"), variant(base, "ciess_fill")
+    assert no_walk.search.exploration.walk is False and no_walk.search.fill_budget is False
+    assert fill.search.fill_budget is True and fill.search.exploration == base.search.exploration
+    assert (no_walk.output_dir, fill.output_dir) == ("/data/run-no-walk", "/data/run-fill")
+    assert no_walk.reference_dir == fill.reference_dir == "/data/run/reference"  # one reference model for all
+
+
+def test_reuse_refuses_an_unfinished_search(tmp_path):
+    with pytest.raises(SystemExit, match="run --methods ciess first"):
+        reuse_search_state(tmp_path / "ciess", tmp_path / "fill")
+    (tmp_path / "ciess").mkdir()
+    (tmp_path / "ciess" / "search.json").write_text(json.dumps({"finished": False}))
+    with pytest.raises(SystemExit, match="run --methods ciess first"):
+        reuse_search_state(tmp_path / "ciess", tmp_path / "fill")
+    assert not (tmp_path / "fill").exists()
+
+
+def test_ciess_fill_retrains_the_finished_search_into_the_unused_budget(tmp_path, one_torch_thread):
+    base = dataclasses.replace(TINY, output_dir=str(tmp_path / "run"))
+    run_search(base)
+    fill = variant(base, "ciess_fill")
+    reuse_search_state(Path(base.output_dir), Path(fill.output_dir))
+    state = (Path(fill.output_dir) / STATE_FILE).read_bytes()
+    reuse_search_state(Path(base.output_dir), Path(fill.output_dir))  # a second call keeps what is there
+    assert (Path(fill.output_dir) / STATE_FILE).read_bytes() == state
+
+    summary = run_search(fill, resume=True)
+    assert summary["finished"] and summary["completed_steps"] == TINY.search.episodes * TINY.search.steps_per_episode
+    for c in TINY.search.budgets:
+        plain = DimensionPlan.load(Path(base.output_dir) / "plans" / f"c{c:.2f}")
+        filled = DimensionPlan.load(Path(fill.output_dir) / "plans" / f"c{c:.2f}")
+        assert c - 1e-9 <= filled.achieved_sparsity <= plain.achieved_sparsity  # grown, still within the budget
+        for side, sizes in filled.sizes.items():
+            assert bool((sizes >= plain.sizes[side]).all())  # no row shrinks
+    runs = (base.output_dir, fill.output_dir)
+    history = [json.loads((Path(d) / "report" / "history.json").read_text()) for d in runs]
+    assert history[0] == history[1]  # the search steps are the finished run's, not run again
+
+
+def test_compare_table_takes_the_latest_epoch_row_per_method_and_budget(monkeypatch, capsys):
+    def row(method, c, r20, achieved, length="epochs", model="lightgcn"):
+        return {"model": model, "method": method, "target_sparsity": c, "recall@20": r20, "ndcg@20": r20 * 2,
+                "achieved_sparsity": achieved, "final_length": length}
+
+    rows = [row("es", 0.8, 0.1, 0.805), row("es", 0.8, 0.2, 0.805), row("es", 0.9, 0.3, 0.906, length="batches"),
+            row("ciess", 0.9, 0.15, 0.933), row("full", 0.0, 0.5, 0.0), row("es", 0.8, 0.9, 0.8, model="ngcf")]
+    monkeypatch.setattr(summarize, "read", lambda name: rows)
+    summarize.ml1m_compare_table()
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == "| c | es | ciess |"
+    assert lines[2] == "| 0.8 | 0.2000 / 0.4000 (0.805) | - |"
+    assert lines[3] == "| 0.9 | - | 0.1500 / 0.3000 (0.933) |"
+    assert len(lines) == 4
