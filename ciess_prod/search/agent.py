@@ -90,10 +90,14 @@ class Actor(nn.Module):
         self.fc2 = _linear(hidden, hidden, generator, device)
         self.fc_mu = _linear(hidden, 1, generator, device)
 
-    def forward(self, states: Tensor) -> Tensor:
+    def pre_tanh(self, states: Tensor) -> Tensor:
+        """[B, 3] -> [B] the output before tanh: |value| > 3 means a saturated actor (tanh' < 0.01)."""
         x = F.relu(self.fc1(states))
         x = F.relu(self.fc2(x))
-        return torch.tanh(self.fc_mu(x)).squeeze(-1)
+        return self.fc_mu(x).squeeze(-1)
+
+    def forward(self, states: Tensor) -> Tensor:
+        return torch.tanh(self.pre_tanh(states))
 
 
 class Critic(nn.Module):

@@ -1,0 +1,105 @@
+"""Why a finished search chose what it chose: reads a search's saved state (agents, replay buffers, history).
+
+Per run and side (users, items) it appends one JSON line to bench/results/search_diagnosis.jsonl and prints:
+- the mean observed per-row reward by size bucket (from the replay buffer: what the environment paid);
+- the critic's Q at a few sizes for buffer states at full size and at small size (< 8);
+- the actor's mean size and pre-tanh output on those states (|pre-tanh| > 3: saturated, its gradient ~ 0);
+- the mean reward per step over stretches of the search (from the history).
+
+    python bench/search_diagnosis.py runs/ml1m-search runs/ml1m-search-no-walk [--config configs/ml1m-search.yaml]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from bench.ml1m_baselines import git_sha  # noqa: E402
+from ciess_prod.config import load_yaml  # noqa: E402
+from ciess_prod.io import append_jsonl, read_json_object  # noqa: E402
+from ciess_prod.models import SIDES  # noqa: E402
+from ciess_prod.search.agent import STATE_DIM, TD3Agent  # noqa: E402
+from ciess_prod.search.search import STATE_FILE, SearchExperimentConfig  # noqa: E402
+
+RESULTS = ROOT / "bench" / "results" / "search_diagnosis.jsonl"
+SIZE_EDGES = (1, 4, 8, 16, 32, 64)  # reward buckets [1, 4), [4, 8), ..., [64, d_max]
+STRETCHES = ((0, 10), (10, 30), (30, 100), (100, 200), (200, 300))  # steps [a, b) of the history
+PROBE_ROWS = 2000  # buffer states per probe
+
+
+def diagnose_side(agent: TD3Agent, buffer: torch.Tensor, d_max: int) -> dict:
+    """buffer: the replay data [T, 2 * STATE_DIM + 3] (state, size, reward, next_state, done)."""
+    states, sizes, reward = buffer[:, :STATE_DIM], buffer[:, STATE_DIM].contiguous(), buffer[:, STATE_DIM + 1]
+    edges = torch.tensor([*SIZE_EDGES, d_max + 1], dtype=torch.float32)
+    bucket = torch.bucketize(sizes, edges, right=True) - 1  # [T] index of the bucket [edges[i], edges[i+1])
+    counts = torch.bincount(bucket, minlength=len(SIZE_EDGES))[: len(SIZE_EDGES)]
+    sums = torch.bincount(bucket, weights=reward.double(), minlength=len(SIZE_EDGES))[: len(SIZE_EDGES)]
+    rewards = {f"[{lo},{hi})": (round(float(s / n), 4) if n else None)
+               for lo, hi, s, n in zip(edges[:-1].int().tolist(), edges[1:].int().tolist(), sums, counts, strict=True)}
+    previous = (states[:, 1] + 1) / 2 * (d_max - 1) + 1  # the state's current size, back in size units
+    probe_sizes = torch.tensor([d for d in (1, 4, 16, 32, 64) if d < d_max] + [d_max], dtype=torch.float32)
+    probes = {}
+    for name, mask in (("from_full", previous > d_max - 0.5), ("from_small", previous < 8)):
+        s = states[mask][:PROBE_ROWS]
+        if len(s) == 0:
+            continue
+        with torch.no_grad():
+            q = agent.q_values(s, probe_sizes.expand(len(s), -1).contiguous()).mean(0)
+            pre = agent.actor.pre_tanh(s.to(agent.device))
+        probes[name] = {
+            "rows": len(s),
+            "critic_q": {int(d): round(float(v), 4) for d, v in zip(probe_sizes, q, strict=True)},
+            "actor_mean_size": round(float(agent.act(s).mean()), 2),
+            "pre_tanh_mean": round(float(pre.mean()), 3),
+            "pre_tanh_abs_min": round(float(pre.abs().min()), 3),
+        }
+    return {"transitions": len(sizes), "reward_by_size": rewards, "probes": probes}
+
+
+def diagnose(run: Path, config: SearchExperimentConfig) -> list[dict]:
+    """``config``: the search's config (its d_max and TD3 network shape)."""
+    state = torch.load(run / STATE_FILE, weights_only=True)
+    steps = read_json_object(run / "report" / "history.json", ValueError)["history"]
+    d_max = config.model.d_max
+    by_stretch = {}
+    for lo, hi in STRETCHES:
+        part = [e["mean_reward"] for e in steps[lo:hi]]
+        if part:
+            by_stretch[f"{lo}-{hi}"] = round(sum(part) / len(part), 4)
+    records = []
+    for side in SIDES:
+        agent = TD3Agent(config.search.td3, d_max, seed=0)
+        agent.load_state_dict(state["agents"][side])
+        record = {"run": run.name, "side": side, "completed_steps": state["step"],
+                  "mean_reward_by_steps": by_stretch, **diagnose_side(agent, state["buffers"][side]["data"], d_max),
+                  "git_sha": git_sha()}
+        records.append(record)
+    return records
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("runs", type=Path, nargs="+", help="search output directories")
+    parser.add_argument("--config", type=Path, default=ROOT / "configs" / "ml1m-search.yaml")
+    parser.add_argument("--results", type=Path, default=RESULTS)
+    args = parser.parse_args(argv)
+    config = load_yaml(SearchExperimentConfig, args.config)
+    for run in args.runs:
+        for record in diagnose(run, config):
+            append_jsonl(args.results, record)
+            print(f"{record['run']} {record['side']}: reward by size {record['reward_by_size']}")
+            for name, probe in record["probes"].items():
+                print(f"  {name}: critic Q {probe['critic_q']} actor size {probe['actor_mean_size']} "
+                      f"pre-tanh {probe['pre_tanh_mean']}")
+            print(f"  mean reward by steps {record['mean_reward_by_steps']}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
