@@ -179,8 +179,40 @@ def test_state_dict_round_trip_continues_bit_identically():
         ("target_noise", -1.0),
         ("target_noise_clip", -0.1),
         ("updates_per_step", 0),
+        ("pre_tanh_limit", 0.0),
     ],
 )
 def test_config_validation_names_the_field(field: str, value):
     with pytest.raises(ValueError, match=field):
         TD3Config(**{field: value})
+
+
+def _shifted_optimum(limit: float | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Trains towards the size bound 1 (reward -d / d_max), then the optimum moves to 64: the actor must follow.
+
+    Returns the actor's pre-tanh outputs after the first phase and its sizes after the second, on fresh states.
+    """
+    agent = TD3Agent(TD3Config(hidden=64, batch_size=256, gamma=0.0, pre_tanh_limit=limit), D_MAX, seed=0)
+    g = torch.Generator().manual_seed(3)
+    states = torch.rand(4096, STATE_DIM, generator=g) * 2 - 1
+    probe = torch.rand(1000, STATE_DIM, generator=g) * 2 - 1
+    for reward in (lambda d: -d / D_MAX, lambda d: -(((d - 64.0) / D_MAX) ** 2)):
+        sizes = torch.randint(1, D_MAX + 1, (4096,), generator=g).float()
+        buf = ReplayBuffer(max_bytes=1 << 20, seed=0)
+        buf.add(states, sizes, reward(sizes), states, True)
+        for _ in range(600):
+            agent.update(buf)
+        if reward(torch.tensor(1.0)) == -1 / D_MAX:
+            with torch.no_grad():
+                pre_tanh = agent.actor.pre_tanh(probe)
+    return pre_tanh, agent.act(probe)
+
+
+def test_pre_tanh_limit_keeps_the_actor_movable():
+    """Without the limit the actor saturates at the bound (tanh' ~ 0) and stays there after the optimum moves."""
+    pre_tanh, sizes = _shifted_optimum(limit=2.5)
+    assert float(pre_tanh.min()) > -3.0  # held near the limit, not in tanh's flat tail
+    assert abs(float(sizes.mean()) - 64.0) < 8.0
+    pre_tanh, sizes = _shifted_optimum(limit=None)
+    assert float(pre_tanh.mean()) < -3.0  # saturated ...
+    assert float(sizes.mean()) < 20.0  # ... and stuck near the old optimum
