@@ -1,7 +1,8 @@
 """CIESS on MovieLens-1M (LightGCN, warm protocol) against MR, frequency and the no-walk ablation.
 
 Appends to bench/results/ml1m.jsonl one row per budget and method, with the same keys as
-bench/ml1m_baselines.py plus `search_seconds` and `peak_rss_mb`. Methods: `ciess`, `ciess_no_walk`, `mr`, `freq`,
+bench/ml1m_baselines.py plus `search_seconds`, `retrain_seconds` (summed over resumed runs; `wall_seconds` is their sum)
+and `peak_rss_mb`. Methods: `ciess`, `ciess_no_walk`, `mr`, `freq`,
 and `ciess_fill` (the finished `ciess` search retrained with `search.fill_budget`). Every row is tested under the
 same protocol as the `es` rows (configs/ml1m-search.yaml: `final`). Takes hours on 2 cores: run it in the
 background with a log.
@@ -15,6 +16,7 @@ import argparse
 import dataclasses
 import json
 import logging
+import math
 import os
 import resource
 import shutil
@@ -45,6 +47,11 @@ def peak_rss_mb() -> float:
     return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
 
 
+def seconds(value: float) -> float | None:
+    """Rounded; None where unknown (NaN: a search state saved before the steps were timed)."""
+    return None if math.isnan(value) else round(value, 1)
+
+
 def row(config: SearchExperimentConfig, method: str, c: float, sizes: dict, test: dict, wall: float, **extra) -> dict:
     """One results line; bytes are the ideal fp32 payload of the sized tables."""
     total = sum(int(s.to(torch.int64).sum()) for s in sizes.values())
@@ -60,7 +67,7 @@ def row(config: SearchExperimentConfig, method: str, c: float, sizes: dict, test
         "ndcg@5": test["ndcg@5"],
         "ndcg@20": test["ndcg@20"],
         "embedding_bytes": total * 4,
-        "wall_seconds": round(wall, 1),
+        "wall_seconds": seconds(wall),
         "seed": config.search.seed,
         "git_sha": GIT_SHA,
         "protocol": config.protocol,
@@ -119,7 +126,8 @@ def main(argv: list[str] | None = None) -> int:
             for c in config.search.budgets:
                 plan = DimensionPlan.load(Path(config.output_dir) / "plans" / f"c{c:.2f}")
                 record = row(config, method, c, plan.sizes, plan.metrics["test"], summary["total_seconds"],
-                             search_seconds=round(summary["search_seconds"], 1), repaired=plan.repaired)
+                             search_seconds=seconds(summary["search_seconds"]),
+                             retrain_seconds=seconds(summary["retrain_seconds"]), repaired=plan.repaired)
                 append_jsonl(args.results, record)
                 print_row(record)
             continue

@@ -20,7 +20,14 @@ from ciess_prod.search.baselines import frequency_sizes, random_sizes
 from ciess_prod.search.environment import EnvironmentConfig, SizeEnvironment
 from ciess_prod.search.exploration import ExplorationConfig
 from ciess_prod.search.plan import budget_for
-from ciess_prod.search.search import SearchConfig, SearchExperimentConfig, build_states, rewards, run_search
+from ciess_prod.search.search import (
+    STATE_FILE,
+    SearchConfig,
+    SearchExperimentConfig,
+    build_states,
+    rewards,
+    run_search,
+)
 from ciess_prod.train.trainer import TrainConfig
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -93,12 +100,17 @@ def test_resume_gives_the_uninterrupted_result(tmp_path, finished_search):
     config = dataclasses.replace(reference_config, output_dir=str(tmp_path / "resumed"))
     partial = run_search(config, stop_after_steps=4)
     assert partial == {"completed_steps": 4, "finished": False}
-    run_search(config, resume=True)
+    first_seconds = torch.load(Path(config.output_dir) / STATE_FILE, weights_only=True)["seconds"]
+    summary = run_search(config, resume=True)
+    assert 0 < first_seconds < summary["search_seconds"]  # the steps of both runs, not only the resumed ones
+    assert summary["total_seconds"] == pytest.approx(summary["search_seconds"] + summary["retrain_seconds"])
     for c in config.search.budgets:
         a = DimensionPlan.load(Path(reference_config.output_dir) / "plans" / f"c{c:.2f}")
         b = DimensionPlan.load(Path(config.output_dir) / "plans" / f"c{c:.2f}")
         for side in a.sizes:
             assert torch.equal(a.sizes[side], b.sizes[side]), (c, side)
+        for plan in (a, b):  # wall time is the only field two identical runs may differ in
+            assert plan.metrics["selection"].pop("retrain_seconds") > 0
         assert a.metrics == b.metrics
     history = lambda cfg: json.loads((Path(cfg.output_dir) / "report" / "history.json").read_text())["history"]  # noqa: E731
     assert history(config) == history(reference_config)

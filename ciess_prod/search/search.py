@@ -160,10 +160,12 @@ class SearchState:
     explorers: dict[str, Explorer]
     buffers: dict[str, ReplayBuffer]
     record: ConfigurationRecord
+    seconds: float = 0.0  # wall time of the completed steps, summed over every run that resumed this search
 
     def state_dict(self) -> dict[str, Any]:
         return {
             "step": self.step,
+            "seconds": self.seconds,
             "sizes": self.sizes,
             "quality": self.quality,
             "history": self.history,
@@ -185,6 +187,7 @@ class SearchState:
             self.explorers[s].load_state_dict(state["explorers"][s])
             self.buffers[s].load_state_dict(state["buffers"][s])
         self.record.load_state_dict(state["record"])
+        self.seconds = float(state.get("seconds", float("nan")))  # NaN: saved before the steps were timed
 
 
 def save_state(path: Path, state: SearchState) -> None:
@@ -261,6 +264,7 @@ def run_search(
     bar = tqdm(total=total, initial=state.step, desc="ciess search", disable=not config.train.progress)
     steps_this_run = 0
     while state.step < total:
+        step_started = time.perf_counter()
         episode, step = divmod(state.step, search.steps_per_episode)
         if step == 0:  # every episode starts at full size, where q = 1 by definition
             state.sizes = {s: torch.full((n_rows[s],), d_max, dtype=torch.int64) for s in SIDES}
@@ -297,6 +301,7 @@ def run_search(
         state.history.append(entry)
         state.sizes, state.quality = new_sizes, dict(quality.ratio)
         state.step += 1
+        state.seconds += time.perf_counter() - step_started
         save_state(state_path, state)
         bar.update(1)
         bar.set_postfix(sparsity=f"{entry['sparsity']:.3f}", q=f"{entry['mean_q']:.3f}")
@@ -306,7 +311,6 @@ def run_search(
             bar.close()
             return {"completed_steps": state.step, "finished": False}
     bar.close()
-    search_seconds = time.perf_counter() - started
 
     plans = {}
     for c in search.budgets:  # each plan is saved when chosen, so a resumed run skips finished budgets
@@ -317,11 +321,14 @@ def run_search(
             save_checkpoint(model_path, model, model_meta(config, plans[c]))  # first: a saved plan implies its model
             plans[c].save(path)
     write_report(out / "report", state.history, plans, popularity)
+    retrain_seconds = sum(p.metrics["selection"].get("retrain_seconds", float("nan")) for p in plans.values())
     summary = {
         "finished": True,
         "completed_steps": state.step,
-        "search_seconds": search_seconds,
-        "total_seconds": time.perf_counter() - started,
+        "search_seconds": state.seconds,  # the steps, over all runs of this search
+        "retrain_seconds": retrain_seconds,  # choosing every budget's plan, over all runs
+        "total_seconds": state.seconds + retrain_seconds,  # the two above (the cached reference not included)
+        "process_seconds": time.perf_counter() - started,  # this process only (a resumed run does part of the work)
         "plans": {
             f"{c:.2f}": {
                 "path": str(out / "plans" / f"c{c:.2f}"),
@@ -369,6 +376,7 @@ def choose_plan(
 
     Returns the plan and the model it was tested with (under ``final``: retrained on train+validation).
     """
+    started = time.perf_counter()
     d_max = config.model.d_max
     candidates, repaired = record.best[c], False
     if not candidates:  # nothing visited fits: shrink the sparsest visited configuration (order kept)
@@ -410,7 +418,12 @@ def choose_plan(
         metrics={
             "val": val,
             "test": test,
-            "selection": {"step": candidate.step, "mean_q": candidate.mean_q, "best_batches": result.best_batches},
+            "selection": {
+                "step": candidate.step,
+                "mean_q": candidate.mean_q,
+                "best_batches": result.best_batches,
+                "retrain_seconds": time.perf_counter() - started,  # top-l retrainings plus the test protocol
+            },
         },
         seed=config.search.seed,
         config=to_dict(config),
