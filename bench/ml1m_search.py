@@ -110,6 +110,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--methods", nargs="+", default=["ciess", "mr", "freq", "ciess_no_walk"])
     parser.add_argument("--results", type=Path, default=RESULTS)
     parser.add_argument("--resume", action="store_true", help="resume interrupted searches")
+    parser.add_argument("--retrain-budgets", type=float, nargs="+", metavar="C",
+                        help="searches, with --resume once the steps are done: retrain only these budgets, so that "
+                             "one process per group retrains in parallel")
     parser.add_argument("--budgets", type=float, nargs="+", help="mr/freq: only these budgets (default: the config's)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", force=True)
@@ -122,7 +125,11 @@ def main(argv: list[str] | None = None) -> int:
             config = dataclasses.replace(config, output_dir=str(ROOT / config.output_dir))
             if method == "ciess_fill":
                 reuse_search_state(ROOT / base.output_dir, Path(config.output_dir))
-            summary = run_search(config, base_dir=ROOT, resume=args.resume or method == "ciess_fill")
+            summary = run_search(config, base_dir=ROOT, resume=args.resume or method == "ciess_fill",
+                                 retrain_budgets=args.retrain_budgets)
+            if not summary["finished"]:  # the process retraining the last pending budget writes the rows
+                print(f"{method}: budgets {summary['pending_budgets']} are left to other processes")
+                continue
             for c in config.search.budgets:
                 plan = DimensionPlan.load(Path(config.output_dir) / "plans" / f"c{c:.2f}")
                 record = row(config, method, c, plan.sizes, plan.metrics["test"], summary["total_seconds"],

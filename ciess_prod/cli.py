@@ -55,7 +55,11 @@ def _cmd_search(args: argparse.Namespace) -> int:
     config = load_yaml(SearchExperimentConfig, args.config)
     if args.output_dir:
         config = dataclasses.replace(config, output_dir=args.output_dir)
-    summary = run_search(config, base_dir=Path(args.config).resolve().parent.parent, resume=args.resume)
+    summary = run_search(config, base_dir=Path(args.config).resolve().parent.parent, resume=args.resume,
+                         retrain_budgets=args.retrain_budgets)
+    if not summary["finished"]:
+        print(f"budgets still to retrain (by other processes): {summary['pending_budgets']}")
+        return 0
     for budget, plan in summary["plans"].items():
         test = plan.get("test", {})
         print(
@@ -114,6 +118,9 @@ def build_parser() -> argparse.ArgumentParser:
     search.add_argument("--config", required=True)
     search.add_argument("--output-dir", help="overrides output_dir of the config")
     search.add_argument("--resume", action="store_true", help="continue from the last completed step")
+    search.add_argument("--retrain-budgets", type=float, nargs="+", metavar="C",
+                        help="with --resume on a finished search: retrain only these budgets (run one process per "
+                             "group to retrain in parallel; the last one to finish writes the report)")
     search.set_defaults(func=_cmd_search)
 
     evaluate = sub.add_parser("evaluate", help="score a checkpoint on the validation or test split")

@@ -231,3 +231,54 @@ def test_cli_and_torchrun_entry_points(tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     assert "c=0.50" in done.stdout
     assert DimensionPlan.load(tmp_path / "cli" / "plans" / "c0.50").fits_budget()
+
+
+def test_budgets_retrained_by_separate_processes(tmp_path, finished_search):
+    """Two runs on one finished search, each retraining some budgets, give the plans one run gives."""
+    import shutil
+
+    config, _ = finished_search
+    split = dataclasses.replace(config, output_dir=str(tmp_path / "split"))
+    shutil.copytree(Path(config.output_dir) / "reference", Path(split.output_dir) / "reference")
+    shutil.copyfile(Path(config.output_dir) / STATE_FILE, Path(split.output_dir) / STATE_FILE)
+    first, *rest = config.search.budgets
+    partial = run_search(split, resume=True, retrain_budgets=[first])
+    assert partial == {"finished": False, "completed_steps": 6, "pending_budgets": rest}
+    assert not (Path(split.output_dir) / "search.json").exists()
+    summary = run_search(split, resume=True, retrain_budgets=rest)
+    assert summary["finished"] and set(summary["plans"]) == {f"{c:.2f}" for c in config.search.budgets}
+    for c in config.search.budgets:
+        a = DimensionPlan.load(Path(config.output_dir) / "plans" / f"c{c:.2f}")
+        b = DimensionPlan.load(Path(split.output_dir) / "plans" / f"c{c:.2f}")
+        assert all(torch.equal(a.sizes[s], b.sizes[s]) for s in a.sizes)
+        assert a.metrics["test"] == b.metrics["test"]
+
+
+def test_retrain_budgets_refuses_what_it_cannot_do(tmp_path, finished_search):
+    config, _ = finished_search
+    with pytest.raises(ValueError, match="unknown: \\[0.7\\]"):
+        run_search(config, resume=True, retrain_budgets=[0.7])
+    with pytest.raises(ValueError, match="resume=False"):
+        run_search(config, retrain_budgets=[0.5])
+    unfinished = dataclasses.replace(config, output_dir=str(tmp_path / "unfinished"))
+    run_search(unfinished, stop_after_steps=2)
+    with pytest.raises(ValueError, match="has 2 of 6 steps"):
+        run_search(unfinished, resume=True, retrain_budgets=[0.5])
+
+
+def test_cli_retrains_budgets_in_groups(tmp_path, finished_search, capsys):
+    import shutil
+
+    from ciess_prod.cli import main
+
+    config, _ = finished_search
+    config = dataclasses.replace(config, output_dir=str(tmp_path / "cli-split"))
+    shutil.copytree(Path(finished_search[0].output_dir) / "reference", Path(config.output_dir) / "reference")
+    shutil.copyfile(Path(finished_search[0].output_dir) / STATE_FILE, Path(config.output_dir) / STATE_FILE)
+    path = tmp_path / "search.yaml"
+    path.write_text(yaml.safe_dump(to_dict(config)))
+    assert main(["search", "--config", str(path), "--resume", "--retrain-budgets", "0.5", "0.93"]) == 0
+    assert "budgets still to retrain (by other processes): [0.8]" in capsys.readouterr().out
+    assert main(["search", "--config", str(path), "--resume", "--retrain-budgets", "0.8"]) == 0
+    out = capsys.readouterr().out
+    assert "c=0.50" in out and "c=0.80" in out and "c=0.93" in out

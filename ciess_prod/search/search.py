@@ -15,6 +15,7 @@ import dataclasses
 import logging
 import os
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -225,12 +226,21 @@ def run_search(
     base_dir: Path | None = None,
     resume: bool = False,
     stop_after_steps: int | None = None,
+    retrain_budgets: Sequence[float] | None = None,
 ) -> dict[str, Any]:
     """Runs (or resumes) the search and the final retraining; returns the summary written to search.json.
 
     ``stop_after_steps`` ends the process-local run after that many completed steps (used to test resuming).
+    ``retrain_budgets`` (with ``resume``, on a finished search) chooses only those budgets' plans in this process, so
+    that separate processes retrain one search's budgets in parallel; the process that completes the last plan
+    writes the report and search.json, the others return ``{"finished": False, "pending_budgets": [...]}``.
     """
     search, d_max = config.search, config.model.d_max
+    if retrain_budgets is not None:
+        unknown = sorted(set(retrain_budgets) - set(search.budgets))
+        if unknown or not resume:
+            raise ValueError(f"retrain_budgets must be budgets of the search {list(search.budgets)} and needs "
+                             f"resume=True, got {list(retrain_budgets)} (unknown: {unknown}), resume={resume}")
     out = Path(config.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
@@ -261,6 +271,8 @@ def run_search(
         log.info("resumed from step %d", state.step)
 
     total = search.episodes * search.steps_per_episode
+    if retrain_budgets is not None and state.step < total:
+        raise ValueError(f"retrain_budgets needs a finished search; {out} has {state.step} of {total} steps")
     bar = tqdm(total=total, initial=state.step, desc="ciess search", disable=not config.train.progress)
     steps_this_run = 0
     while state.step < total:
@@ -314,12 +326,17 @@ def run_search(
 
     plans = {}
     for c in search.budgets:  # each plan is saved when chosen, so a resumed run skips finished budgets
-        path, model_path = out / "plans" / f"c{c:.2f}", out / "models" / f"c{c:.2f}"
+        path, model_path = budget_dirs(out, c)
         plans[c] = finished_plan(path, model_path, config, dataset) if resume else None
-        if plans[c] is None:
+        if plans[c] is None and (retrain_budgets is None or c in retrain_budgets):
             plans[c], model = choose_plan(config, dataset, state.record, c)
             save_checkpoint(model_path, model, model_meta(config, plans[c]))  # first: a saved plan implies its model
             plans[c].save(path)
+    for c in search.budgets:  # another process may have finished its budgets meanwhile
+        plans[c] = plans[c] or finished_plan(*budget_dirs(out, c), config, dataset)
+    pending = [c for c, plan in plans.items() if plan is None]
+    if pending:
+        return {"finished": False, "completed_steps": state.step, "pending_budgets": pending}
     write_report(out / "report", state.history, plans, popularity)
     retrain_seconds = sum(p.metrics["selection"].get("retrain_seconds", float("nan")) for p in plans.values())
     summary = {
@@ -331,8 +348,8 @@ def run_search(
         "process_seconds": time.perf_counter() - started,  # this process only (a resumed run does part of the work)
         "plans": {
             f"{c:.2f}": {
-                "path": str(out / "plans" / f"c{c:.2f}"),
-                "model": str(out / "models" / f"c{c:.2f}"),
+                "path": str(budget_dirs(out, c)[0]),
+                "model": str(budget_dirs(out, c)[1]),
                 "achieved_sparsity": p.achieved_sparsity,
                 "repaired": p.repaired,
                 **p.metrics,
@@ -342,6 +359,11 @@ def run_search(
     }
     write_json_atomic(out / "search.json", summary)
     return summary
+
+
+def budget_dirs(out: Path, c: float) -> tuple[Path, Path]:
+    """Where budget c's plan and the model it was tested with are saved."""
+    return out / "plans" / f"c{c:.2f}", out / "models" / f"c{c:.2f}"
 
 
 def model_meta(config: SearchExperimentConfig, plan: DimensionPlan) -> dict[str, Any]:
