@@ -74,6 +74,8 @@ def ml1m_compare_table() -> None:
             r = latest.get((m, c))
             cells.append(f"{r['recall@20']:.4f} / {r['ndcg@20']:.4f} ({r['achieved_sparsity']:.3f})" if r else "-")
         print(f"| {c} | " + " | ".join(cells) + " |")
+    shas = [sorted({r["git_sha"][:7] for key, r in latest.items() if key[0] == m}) for m in methods]
+    print("| git | " + " | ".join(", ".join(s) for s in shas) + " |")  # which code wrote each method's rows
 
 
 def rl_table() -> None:

@@ -64,19 +64,21 @@ def test_ciess_fill_retrains_the_finished_search_into_the_unused_budget(tmp_path
 
 
 def test_compare_table_takes_the_latest_epoch_row_per_method_and_budget(monkeypatch, capsys):
-    def row(method, c, r20, achieved, length="epochs", model="lightgcn"):
+    def row(method, c, r20, achieved, length="epochs", model="lightgcn", sha="a" * 40):
         return {"model": model, "method": method, "target_sparsity": c, "recall@20": r20, "ndcg@20": r20 * 2,
-                "achieved_sparsity": achieved, "final_length": length}
+                "achieved_sparsity": achieved, "final_length": length, "git_sha": sha}
 
-    rows = [row("es", 0.8, 0.1, 0.805), row("es", 0.8, 0.2, 0.805), row("es", 0.9, 0.3, 0.906, length="batches"),
-            row("ciess", 0.9, 0.15, 0.933), row("full", 0.0, 0.5, 0.0), row("es", 0.8, 0.9, 0.8, model="ngcf")]
+    rows = [row("es", 0.8, 0.1, 0.805, sha="0" * 40), row("es", 0.8, 0.2, 0.805),
+            row("es", 0.9, 0.3, 0.906, length="batches"), row("ciess", 0.9, 0.15, 0.933, sha="b" * 40),
+            row("full", 0.0, 0.5, 0.0), row("es", 0.8, 0.9, 0.8, model="ngcf")]
     monkeypatch.setattr(summarize, "read", lambda name: rows)
     summarize.ml1m_compare_table()
     lines = capsys.readouterr().out.splitlines()
     assert lines[0] == "| c | es | ciess |"
     assert lines[2] == "| 0.8 | 0.2000 / 0.4000 (0.805) | - |"
     assert lines[3] == "| 0.9 | - | 0.1500 / 0.3000 (0.933) |"
-    assert len(lines) == 4
+    assert lines[4] == "| git | aaaaaaa | bbbbbbb |"  # the shown rows' code, not the replaced es row's
+    assert len(lines) == 5
 
 
 def test_search_diagnosis_reads_a_finished_search(tmp_path, one_torch_thread):
