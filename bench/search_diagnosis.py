@@ -1,10 +1,11 @@
-"""Why a finished search chose what it chose: reads a search's saved state (agents, replay buffers, history).
+"""Why a search chose what it chose: reads a search's saved state (agents, replay buffers, history).
 
 Per run and side (users, items) it appends one JSON line to bench/results/search_diagnosis.jsonl and prints:
 - the mean observed per-row reward by size bucket (from the replay buffer: what the environment paid);
 - the critic's Q at a few sizes for buffer states at full size and at small size (< 8);
 - the actor's mean size and pre-tanh output on those states (|pre-tanh| > 3: saturated, its gradient ~ 0);
-- the mean reward per step over stretches of the search (from the history).
+- the mean reward and sparsity per step over stretches of the search (from the history);
+- how many visited configurations meet each budget (what the final retraining can choose from).
 
     python bench/search_diagnosis.py runs/ml1m-search runs/ml1m-search-no-walk [--config configs/ml1m-search.yaml]
 """
@@ -22,7 +23,7 @@ sys.path.insert(0, str(ROOT))
 
 from bench.ml1m_baselines import git_sha  # noqa: E402
 from ciess_prod.config import load_yaml  # noqa: E402
-from ciess_prod.io import append_jsonl, read_json_object  # noqa: E402
+from ciess_prod.io import append_jsonl  # noqa: E402
 from ciess_prod.models import SIDES  # noqa: E402
 from ciess_prod.search.agent import STATE_DIM, TD3Agent  # noqa: E402
 from ciess_prod.search.search import STATE_FILE, SearchExperimentConfig  # noqa: E402
@@ -65,19 +66,23 @@ def diagnose_side(agent: TD3Agent, buffer: torch.Tensor, d_max: int) -> dict:
 def diagnose(run: Path, config: SearchExperimentConfig) -> list[dict]:
     """``config``: the search's config (its d_max and TD3 network shape)."""
     state = torch.load(run / STATE_FILE, weights_only=True)
-    steps = read_json_object(run / "report" / "history.json", ValueError)["history"]
+    steps = state["history"]  # the same list report/history.json gets, there before the retraining ends
     d_max = config.model.d_max
-    by_stretch = {}
+    by_stretch, sparsity_by_stretch = {}, {}
     for lo, hi in STRETCHES:
-        part = [e["mean_reward"] for e in steps[lo:hi]]
+        part = steps[lo:hi]
         if part:
-            by_stretch[f"{lo}-{hi}"] = round(sum(part) / len(part), 4)
+            by_stretch[f"{lo}-{hi}"] = round(sum(e["mean_reward"] for e in part) / len(part), 4)
+            sparsity_by_stretch[f"{lo}-{hi}"] = round(sum(e["sparsity"] for e in part) / len(part), 4)
+    # how many visited configurations each budget could choose from (the record keeps its top-l of them)
+    meeting = {f"{c}": sum(e["sparsity"] >= c for e in steps) for c in config.search.budgets}
     records = []
     for side in SIDES:
         agent = TD3Agent(config.search.td3, d_max, seed=0)
         agent.load_state_dict(state["agents"][side])
         record = {"run": run.name, "side": side, "completed_steps": state["step"],
-                  "mean_reward_by_steps": by_stretch, **diagnose_side(agent, state["buffers"][side]["data"], d_max),
+                  "mean_reward_by_steps": by_stretch, "mean_sparsity_by_steps": sparsity_by_stretch,
+                  "visited_meeting_budget": meeting, **diagnose_side(agent, state["buffers"][side]["data"], d_max),
                   "git_sha": git_sha()}
         records.append(record)
     return records
@@ -98,6 +103,8 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"  {name}: critic Q {probe['critic_q']} actor size {probe['actor_mean_size']} "
                       f"pre-tanh {probe['pre_tanh_mean']}")
             print(f"  mean reward by steps {record['mean_reward_by_steps']}")
+            print(f"  mean sparsity by steps {record['mean_sparsity_by_steps']}")
+            print(f"  visited configurations meeting each budget {record['visited_meeting_budget']}")
     return 0
 
 

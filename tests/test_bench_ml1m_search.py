@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from bench import summarize
@@ -97,4 +98,7 @@ def test_search_diagnosis_reads_a_finished_search(tmp_path, one_torch_thread):
         assert r["transitions"] > 0 and buckets  # every transition falls in some bucket
         assert 1 <= r["probes"]["from_full"]["actor_mean_size"] <= TINY.model.d_max  # each episode starts at full size
         assert list(r["probes"]["from_full"]["critic_q"]) == ["1", "4", "16"]  # sizes up to d_max (JSON keys)
-        assert list(r["mean_reward_by_steps"]) == ["0-10"]  # the tiny run has 6 steps
+        assert list(r["mean_reward_by_steps"]) == list(r["mean_sparsity_by_steps"]) == ["0-10"]  # 6 steps
+        history = torch.load(tmp_path / "run" / STATE_FILE, weights_only=True)["history"]
+        assert r["visited_meeting_budget"] == {f"{c}": sum(e["sparsity"] >= c for e in history)
+                                               for c in TINY.search.budgets}
