@@ -16,7 +16,6 @@ import argparse
 import dataclasses
 import json
 import logging
-import math
 import os
 import resource
 import shutil
@@ -36,7 +35,7 @@ from ciess_prod.io import append_jsonl  # noqa: E402
 from ciess_prod.models import SIDES, build_model  # noqa: E402
 from ciess_prod.search import DimensionPlan  # noqa: E402
 from ciess_prod.search.baselines import frequency_sizes, random_sizes  # noqa: E402
-from ciess_prod.search.search import STATE_FILE, SearchExperimentConfig, run_search  # noqa: E402
+from ciess_prod.search.search import STATE_FILE, SearchExperimentConfig, budget_dirs, run_search  # noqa: E402
 from ciess_prod.train.protocol import train_and_test  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results" / "ml1m.jsonl"
@@ -47,9 +46,9 @@ def peak_rss_mb() -> float:
     return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
 
 
-def seconds(value: float) -> float | None:
-    """Rounded; None where unknown (NaN: a search state saved before the steps were timed)."""
-    return None if math.isnan(value) else round(value, 1)
+def seconds(value: float | None) -> float | None:
+    """Rounded; None where unknown (search.json's null: work saved before it was timed)."""
+    return None if value is None else round(value, 1)
 
 
 def row(config: SearchExperimentConfig, method: str, c: float, sizes: dict, test: dict, wall: float, **extra) -> dict:
@@ -131,7 +130,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"{method}: budgets {summary['pending_budgets']} are left to other processes")
                 continue
             for c in config.search.budgets:
-                plan = DimensionPlan.load(Path(config.output_dir) / "plans" / f"c{c:.2f}")
+                plan = DimensionPlan.load(budget_dirs(Path(config.output_dir), c)[0])
                 record = row(config, method, c, plan.sizes, plan.metrics["test"], summary["total_seconds"],
                              search_seconds=seconds(summary["search_seconds"]),
                              retrain_seconds=seconds(summary["retrain_seconds"]), repaired=plan.repaired)

@@ -282,3 +282,20 @@ def test_cli_retrains_budgets_in_groups(tmp_path, finished_search, capsys):
     assert main(["search", "--config", str(path), "--resume", "--retrain-budgets", "0.8"]) == 0
     out = capsys.readouterr().out
     assert "c=0.50" in out and "c=0.80" in out and "c=0.93" in out
+
+
+def test_a_state_saved_before_timing_reports_unknown_seconds(tmp_path, finished_search):
+    """An older search_state.pt has no "seconds": search.json says null, not NaN or 0."""
+    import shutil
+
+    config, _ = finished_search
+    old = dataclasses.replace(config, output_dir=str(tmp_path / "old"))
+    shutil.copytree(Path(config.output_dir) / "reference", Path(old.output_dir) / "reference")
+    state = torch.load(Path(config.output_dir) / STATE_FILE, weights_only=True)
+    del state["seconds"]
+    torch.save(state, Path(old.output_dir) / STATE_FILE)
+    summary = run_search(old, resume=True)
+    assert summary["search_seconds"] is None and summary["total_seconds"] is None
+    assert summary["retrain_seconds"] > 0
+    saved = json.loads((Path(old.output_dir) / "search.json").read_text())
+    assert saved["search_seconds"] is None and saved["total_seconds"] is None

@@ -50,7 +50,7 @@ from ciess_prod.search.agent import TD3Agent
 from ciess_prod.search.buffer import ReplayBuffer
 from ciess_prod.search.exploration import Explorer
 from ciess_prod.search.plan import DimensionPlan, repair_to_budget
-from ciess_prod.search.search import SearchConfig, build_states
+from ciess_prod.search.search import SearchConfig, budget_dirs, build_states
 from ciess_prod.train.checkpoint import save_checkpoint
 
 log = logging.getLogger(__name__)
@@ -237,8 +237,9 @@ def run_sharded_search(
     for c in search.budgets:
         plans[c], model_state = choose_plan(env, search, d_max, kept, state, c)
         if rank == 0:  # the model first: a saved plan implies its model
-            save_checkpoint(out / "models" / f"c{c:.2f}", model_state, env.model_meta(plans[c]))
-            plans[c].save(out / "plans" / f"c{c:.2f}")
+            plan_dir, model_dir = budget_dirs(out, c)
+            save_checkpoint(model_dir, model_state, env.model_meta(plans[c]))
+            plans[c].save(plan_dir)
     peak: list[Any] = [None] * world
     dist.all_gather_object(peak, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
     summary = {
@@ -251,7 +252,7 @@ def run_sharded_search(
         "peak_rss_mb_per_rank": peak,
         "search_seconds": search_seconds,
         "total_seconds": time.perf_counter() - started,
-        "plans": {f"{c:.2f}": {"path": str(out / "plans" / f"c{c:.2f}"), "model": str(out / "models" / f"c{c:.2f}"),
+        "plans": {f"{c:.2f}": {"path": str(budget_dirs(out, c)[0]), "model": str(budget_dirs(out, c)[1]),
                                "achieved_sparsity": p.achieved_sparsity,
                                "repaired": p.repaired, **p.metrics} for c, p in plans.items()},
     }

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import os
 import time
 from collections.abc import Sequence
@@ -342,9 +343,9 @@ def run_search(
     summary = {
         "finished": True,
         "completed_steps": state.step,
-        "search_seconds": state.seconds,  # the steps, over all runs of this search
-        "retrain_seconds": retrain_seconds,  # choosing every budget's plan, over all runs
-        "total_seconds": state.seconds + retrain_seconds,  # the two above (the cached reference not included)
+        "search_seconds": known(state.seconds),  # the steps, over all runs of this search
+        "retrain_seconds": known(retrain_seconds),  # choosing every budget's plan, over all runs
+        "total_seconds": known(state.seconds + retrain_seconds),  # the two above (the cached reference not included)
         "process_seconds": time.perf_counter() - started,  # this process only (a resumed run does part of the work)
         "plans": {
             f"{c:.2f}": {
@@ -359,6 +360,11 @@ def run_search(
     }
     write_json_atomic(out / "search.json", summary)
     return summary
+
+
+def known(seconds: float) -> float | None:
+    """None (null in search.json) for NaN: work saved before it was timed."""
+    return None if math.isnan(seconds) else seconds
 
 
 def budget_dirs(out: Path, c: float) -> tuple[Path, Path]:
