@@ -3,7 +3,8 @@
 Appends to bench/results/ml1m.jsonl one row per budget and method, with the same keys as
 bench/ml1m_baselines.py plus `search_seconds`, `retrain_seconds` (summed over resumed runs; `wall_seconds` is their sum)
 and `peak_rss_mb`. Methods: `ciess`, `ciess_no_walk`, `mr`, `freq`,
-and `ciess_fill` (the finished `ciess` search retrained with `search.fill_budget`). Every row is tested under the
+and `ciess_fill` (the finished `ciess` search retrained with `search.fill_budget`); `--size-penalty` runs them at
+another lambda (rows record it as `size_penalty`). Every row is tested under the
 same protocol as the `es` rows (configs/ml1m-search.yaml: `final`). Takes hours on 2 cores: run it in the
 background with a log.
 
@@ -79,6 +80,15 @@ def row(config: SearchExperimentConfig, method: str, c: float, sizes: dict, test
 SEARCHES = ("ciess", "ciess_no_walk", "ciess_fill")
 
 
+def with_size_penalty(base: SearchExperimentConfig, size_penalty: float | None) -> SearchExperimentConfig:
+    """The config's search at another lambda, in its own output directory (its variants get their suffix after it)."""
+    if size_penalty is None or size_penalty == base.search.size_penalty:
+        return base
+    search = dataclasses.replace(base.search, size_penalty=size_penalty)
+    return dataclasses.replace(base, search=search, output_dir=f"{base.output_dir}-lambda{size_penalty:g}",
+                               reference_dir=base.reference_dir or str(ROOT / base.output_dir / "reference"))
+
+
 def variant(base: SearchExperimentConfig, method: str) -> SearchExperimentConfig:
     """The config of one search method; the variants reuse the `ciess` run's reference model (same recipe)."""
     if method == "ciess":
@@ -89,7 +99,7 @@ def variant(base: SearchExperimentConfig, method: str) -> SearchExperimentConfig
     else:  # ciess_fill: only the final retraining differs, so the search steps are the `ciess` run's
         search, suffix = dataclasses.replace(base.search, fill_budget=True), "-fill"
     return dataclasses.replace(base, search=search, output_dir=base.output_dir + suffix,
-                               reference_dir=str(ROOT / base.output_dir / "reference"))
+                               reference_dir=base.reference_dir or str(ROOT / base.output_dir / "reference"))
 
 
 def reuse_search_state(source: Path, dest: Path) -> None:
@@ -113,17 +123,23 @@ def main(argv: list[str] | None = None) -> int:
                         help="searches, with --resume once the steps are done: retrain only these budgets, so that "
                              "one process per group retrains in parallel")
     parser.add_argument("--budgets", type=float, nargs="+", help="mr/freq: only these budgets (default: the config's)")
+    parser.add_argument("--size-penalty", type=float, metavar="LAMBDA",
+                        help="searches: this lambda instead of the config's, in <output_dir>-lambda<LAMBDA> (the rows "
+                             "record it as size_penalty)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", force=True)
     base = load_yaml(SearchExperimentConfig, args.config)
+    if args.size_penalty is not None and not args.size_penalty >= 0:
+        parser.error(f"--size-penalty must be a number >= 0, got {args.size_penalty}")
+    searched = with_size_penalty(base, args.size_penalty)
     dataset = load_dataset(base.data, ROOT)
 
     for method in args.methods:
         if method in SEARCHES:
-            config = variant(base, method)
+            config = variant(searched, method)
             config = dataclasses.replace(config, output_dir=str(ROOT / config.output_dir))
             if method == "ciess_fill":
-                reuse_search_state(ROOT / base.output_dir, Path(config.output_dir))
+                reuse_search_state(ROOT / searched.output_dir, Path(config.output_dir))
             summary = run_search(config, base_dir=ROOT, resume=args.resume or method == "ciess_fill",
                                  retrain_budgets=args.retrain_budgets)
             if not summary["finished"]:  # the process retraining the last pending budget writes the rows
@@ -133,7 +149,8 @@ def main(argv: list[str] | None = None) -> int:
                 plan = DimensionPlan.load(budget_dirs(Path(config.output_dir), c)[0])
                 record = row(config, method, c, plan.sizes, plan.metrics["test"], summary["total_seconds"],
                              search_seconds=seconds(summary["search_seconds"]),
-                             retrain_seconds=seconds(summary["retrain_seconds"]), repaired=plan.repaired)
+                             retrain_seconds=seconds(summary["retrain_seconds"]), repaired=plan.repaired,
+                             size_penalty=config.search.size_penalty)
                 append_jsonl(args.results, record)
                 print_row(record)
             continue

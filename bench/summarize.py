@@ -19,6 +19,9 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench.ml1m_baselines import PAPER_ES  # noqa: E402
+from ciess_prod.search.search import SearchConfig  # noqa: E402
+
+DEFAULT_SIZE_PENALTY = SearchConfig().size_penalty
 
 # Paper, MovieLens-1M, CIESS rows (Recall@20, NDCG@20).
 PAPER_CIESS = {
@@ -50,7 +53,7 @@ def ml1m_table() -> None:
         ref = paper.get(r["target_sparsity"])
         vs = f"{r['recall@20'] / ref[0]:.1%} / {r['ndcg@20'] / ref[1]:.1%}" if ref and r["method"] != "full" else "-"
         length = r.get("final_length", "batches")
-        print(f"| {r['model']} | {r['method']} | {r['target_sparsity']} | {r['achieved_sparsity']:.3f} | "
+        print(f"| {r['model']} | {method_label(r)} | {r['target_sparsity']} | {r['achieved_sparsity']:.3f} | "
               f"{r['protocol']} | {length} | "
               f"{r['recall@20']:.4f} | {r['ndcg@20']:.4f} | {r['recall@5']:.4f} | {r['ndcg@5']:.4f} | {vs} | "
               f"{r['embedding_bytes']:,} | {r['wall_seconds']:.0f} | {r['git_sha'][:7]} |")
@@ -59,13 +62,20 @@ def ml1m_table() -> None:
 SIZE_METHODS = ("es", "mr", "freq", "ciess", "ciess_no_walk", "ciess_fill")
 
 
+def method_label(r: dict) -> str:
+    """The method, with its lambda where a search ran at another than the default (``--size-penalty``)."""
+    penalty = r.get("size_penalty")
+    return r["method"] if penalty in (None, DEFAULT_SIZE_PENALTY) else f"{r['method']} λ={penalty:g}"
+
+
 def ml1m_compare_table() -> None:
     """LightGCN's size methods side by side per budget: the latest `final`-protocol, epoch-length row of each."""
     latest = {}
     for r in read("ml1m.jsonl"):
         if r["model"] == "lightgcn" and r["method"] in SIZE_METHODS and r.get("final_length") == "epochs":
-            latest[r["method"], r["target_sparsity"]] = r
-    methods = [m for m in SIZE_METHODS if any(m == key[0] for key in latest)]
+            latest[method_label(r), r["target_sparsity"]] = r
+    order = {m: i for i, m in enumerate(SIZE_METHODS)}
+    methods = sorted({key[0] for key in latest}, key=lambda m: (order[m.split(" ")[0]], m))
     print("| c | " + " | ".join(methods) + " |")
     print("|---" * (len(methods) + 1) + "|")
     for c in sorted({key[1] for key in latest}):

@@ -10,7 +10,7 @@ import torch
 import yaml
 
 from bench import summarize
-from bench.ml1m_search import STATE_FILE, reuse_search_state, variant
+from bench.ml1m_search import STATE_FILE, reuse_search_state, variant, with_size_penalty
 from ciess_prod.config import to_dict
 from ciess_prod.search import DimensionPlan
 from ciess_prod.search.environment import SizeEnvironment
@@ -26,6 +26,18 @@ def test_variants_change_only_their_switch():
     assert fill.search.fill_budget is True and fill.search.exploration == base.search.exploration
     assert (no_walk.output_dir, fill.output_dir) == ("/data/run-no-walk", "/data/run-fill")
     assert no_walk.reference_dir == fill.reference_dir == "/data/run/reference"  # one reference model for all
+
+
+def test_another_lambda_searches_in_its_own_directory_with_the_shared_reference():
+    base = dataclasses.replace(TINY, output_dir="/data/run")
+    assert with_size_penalty(base, None) is base and with_size_penalty(base, base.search.size_penalty) is base
+    other = with_size_penalty(base, 2.0)
+    assert other.search.size_penalty == 2.0 and other.output_dir == "/data/run-lambda2"
+    assert other.reference_dir == "/data/run/reference"  # same training recipe: the reference model is shared
+    assert dataclasses.replace(other, search=base.search, output_dir=base.output_dir, reference_dir=None) == base
+    no_walk = variant(other, "ciess_no_walk")
+    assert no_walk.output_dir == "/data/run-lambda2-no-walk" and no_walk.search.size_penalty == 2.0
+    assert no_walk.reference_dir == "/data/run/reference"
 
 
 def test_reuse_refuses_an_unfinished_search(tmp_path):
@@ -71,14 +83,16 @@ def test_compare_table_takes_the_latest_epoch_row_per_method_and_budget(monkeypa
 
     rows = [row("es", 0.8, 0.1, 0.805, sha="0" * 40), row("es", 0.8, 0.2, 0.805),
             row("es", 0.9, 0.3, 0.906, length="batches"), row("ciess", 0.9, 0.15, 0.933, sha="b" * 40),
+            {**row("ciess", 0.9, 0.25, 0.91), "size_penalty": 2.0},
+            {**row("ciess", 0.9, 0.05, 0.95), "size_penalty": summarize.DEFAULT_SIZE_PENALTY},
             row("full", 0.0, 0.5, 0.0), row("es", 0.8, 0.9, 0.8, model="ngcf")]
     monkeypatch.setattr(summarize, "read", lambda name: rows)
     summarize.ml1m_compare_table()
     lines = capsys.readouterr().out.splitlines()
-    assert lines[0] == "| c | es | ciess |"
-    assert lines[2] == "| 0.8 | 0.2000 / 0.4000 (0.805) | - |"
-    assert lines[3] == "| 0.9 | - | 0.1500 / 0.3000 (0.933) |"
-    assert lines[4] == "| git | aaaaaaa | bbbbbbb |"  # the shown rows' code, not the replaced es row's
+    assert lines[0] == "| c | es | ciess | ciess λ=2 |"  # the default lambda's rows stay `ciess`
+    assert lines[2] == "| 0.8 | 0.2000 / 0.4000 (0.805) | - | - |"
+    assert lines[3] == "| 0.9 | - | 0.0500 / 0.1000 (0.950) | 0.2500 / 0.5000 (0.910) |"
+    assert lines[4] == "| git | aaaaaaa | aaaaaaa | aaaaaaa |"  # the shown rows' code, not the replaced ones'
     assert len(lines) == 5
 
 
@@ -102,3 +116,12 @@ def test_search_diagnosis_reads_a_finished_search(tmp_path, one_torch_thread):
         history = torch.load(tmp_path / "run" / STATE_FILE, weights_only=True)["history"]
         assert r["visited_meeting_budget"] == {f"{c}": sum(e["sparsity"] >= c for e in history)
                                                for c in TINY.search.budgets}
+
+
+@pytest.mark.parametrize("value", ["-1", "nan"])
+def test_a_negative_or_nan_lambda_is_refused_before_any_work(value, capsys):
+    from bench.ml1m_search import main
+
+    with pytest.raises(SystemExit):
+        main(["--methods", "ciess", "--size-penalty", value])
+    assert "--size-penalty must be a number >= 0" in capsys.readouterr().err

@@ -128,7 +128,7 @@ def test_resume_after_the_search_reuses_chosen_plans(tmp_path, finished_search, 
     chosen = []
     real_choose = search_module.choose_plan
     monkeypatch.setattr(
-        search_module, "choose_plan", lambda cfg, d, rec, c: chosen.append(c) or real_choose(cfg, d, rec, c)
+        search_module, "choose_plan", lambda cfg, d, rec, c, fits: chosen.append(c) or real_choose(cfg, d, rec, c, fits)
     )
     run_search(copy, resume=True)
     assert chosen == list(config.search.budgets)  # the copied plans name the other output_dir: not this search's
@@ -299,3 +299,35 @@ def test_a_state_saved_before_timing_reports_unknown_seconds(tmp_path, finished_
     assert summary["retrain_seconds"] > 0
     saved = json.loads((Path(old.output_dir) / "search.json").read_text())
     assert saved["search_seconds"] is None and saved["total_seconds"] is None
+
+
+@pytest.mark.parametrize("protocol", ["final", "train_only"])
+def test_a_candidate_shared_by_two_budgets_is_retrained_once(tmp_path, monkeypatch, protocol, caplog):
+    """Under `final` the second budget reads the first one's retraining (same plan); `train_only` must retrain."""
+    from ciess_prod.search import search as search_module
+
+    config = dataclasses.replace(_tiny(tmp_path, budgets=(0.5, 0.8)), protocol=protocol)
+    dataset = load_dataset(config.data, ROOT)
+    sizes = {"user": torch.full((dataset.n_users,), 2, dtype=torch.int16),
+             "item": torch.full((dataset.n_items,), 3, dtype=torch.int16)}
+    record = search_module.ConfigurationRecord(config.search.budgets, top_l=1)
+    record.add(search_module.Visited(4, 0.85, 0.6, sizes))  # meets both budgets
+    fits = []
+    real_fit = search_module.fit_on_train
+    monkeypatch.setattr(search_module, "fit_on_train", lambda *a, **k: fits.append(1) or real_fit(*a, **k))
+    store = search_module.candidate_fits(config, dataset, tmp_path / "out")
+    first, _ = search_module.choose_plan(config, dataset, record, 0.5, store)
+    second, _ = search_module.choose_plan(config, dataset, record, 0.8, store)
+    assert len(fits) == (1 if protocol == "final" else 2)
+    assert second.metrics["selection"]["reused_fits"] == (1 if protocol == "final" else 0)
+    assert second.metrics["val"] == first.metrics["val"] and second.metrics["test"] == first.metrics["test"]
+    assert second.metrics["selection"]["best_batches"] == first.metrics["selection"]["best_batches"]
+
+    # a damaged entry is reported and retrained, then rewritten whole
+    (entry,) = (tmp_path / "out" / "candidates").glob("*.json")
+    entry.write_text('{"key": "')
+    third, _ = search_module.choose_plan(config, dataset, record, 0.8, store)
+    assert len(fits) == (2 if protocol == "final" else 3)
+    assert "ignoring the unreadable candidate fit" in caplog.text or protocol == "train_only"
+    assert third.metrics["test"] == first.metrics["test"]
+    assert json.loads(entry.read_text())["best_batches"] == first.metrics["selection"]["best_batches"]

@@ -32,6 +32,7 @@ from ciess_prod.io import write_json_atomic
 from ciess_prod.models import SIDES, ModelConfig, Recommender, build_model, sparsity
 from ciess_prod.search.agent import TD3Agent, TD3Config
 from ciess_prod.search.buffer import ReplayBuffer
+from ciess_prod.search.candidates import CandidateFit, CandidateFits
 from ciess_prod.search.environment import EnvironmentConfig, Quality, SizeEnvironment
 from ciess_prod.search.exploration import ExplorationConfig, Explorer
 from ciess_prod.search.plan import MANIFEST_NAME, DimensionPlan, fill_to_budget, repair_to_budget
@@ -330,7 +331,7 @@ def run_search(
         path, model_path = budget_dirs(out, c)
         plans[c] = finished_plan(path, model_path, config, dataset) if resume else None
         if plans[c] is None and (retrain_budgets is None or c in retrain_budgets):
-            plans[c], model = choose_plan(config, dataset, state.record, c)
+            plans[c], model = choose_plan(config, dataset, state.record, c, candidate_fits(config, dataset, out))
             save_checkpoint(model_path, model, model_meta(config, plans[c]))  # first: a saved plan implies its model
             plans[c].save(path)
     for c in search.budgets:  # another process may have finished its budgets meanwhile
@@ -360,6 +361,12 @@ def run_search(
     }
     write_json_atomic(out / "search.json", summary)
     return summary
+
+
+def candidate_fits(config: SearchExperimentConfig, dataset: RecDataset, out: Path) -> CandidateFits:
+    """The search's store of candidate retrainings, keyed by everything a retraining on train depends on."""
+    recipe = {"data": dataset.fingerprint, "model": to_dict(config.model), "train": to_dict(config.train)}
+    return CandidateFits(out / "candidates", recipe)
 
 
 def known(seconds: float) -> float | None:
@@ -398,11 +405,12 @@ def finished_plan(
 
 
 def choose_plan(
-    config: SearchExperimentConfig, dataset: RecDataset, record: ConfigurationRecord, c: float
+    config: SearchExperimentConfig, dataset: RecDataset, record: ConfigurationRecord, c: float, fits: CandidateFits
 ) -> tuple[DimensionPlan, Recommender]:
     """Retrains the budget's top-l configurations, keeps the best on validation, tests it under the protocol.
 
-    Returns the plan and the model it was tested with (under ``final``: retrained on train+validation).
+    Returns the plan and the model it was tested with (under ``final``: retrained on train+validation). ``fits``
+    holds the retrainings done before, for this budget or another.
     """
     started = time.perf_counter()
     d_max = config.model.d_max
@@ -427,15 +435,25 @@ def choose_plan(
         candidates = [
             dataclasses.replace(v, sizes=fill_to_budget(v.sizes, d_max, c), sparsity=float("nan")) for v in candidates
         ]
-    best = None
+    # `final` retrains the chosen sizes on train+validation, so a fit known from its outcome serves as well as one
+    # in memory; `train_only` tests the fitted weights, so it always retrains.
+    known_fits = fits if config.protocol == "final" else None
+    best, reused = None, 0
     for candidate in candidates:
-        fitted, result, val = fit_on_train(dataset, make_model(candidate.sizes), config.train)
-        log.info("budget %.2f: candidate from step %d val %s", c, candidate.step, val)
-        if best is None or val["recall@20"] > best[2]["recall@20"]:
-            best = (candidate, fitted, val, result)
-    candidate, fitted, val, result = best
+        fitted, fit = None, known_fits.get(candidate.sizes) if known_fits is not None else None
+        if fit is None:
+            fitted, result, val = fit_on_train(dataset, make_model(candidate.sizes), config.train)
+            fit = CandidateFit(val=val, best_batches=result.best_batches, seconds=result.seconds)
+            fits.put(candidate.sizes, fit)
+        else:
+            reused += 1
+        log.info("budget %.2f: candidate from step %d%s val %s", c, candidate.step,
+                 " (retrained before)" if fitted is None else "", fit.val)
+        if best is None or fit.val["recall@20"] > best[1].val["recall@20"]:
+            best = (candidate, fit, fitted)
+    candidate, fit, fitted = best
     model, _, test = score_with_protocol(
-        dataset, make_model(candidate.sizes), config.train, config.protocol, fitted, result
+        dataset, make_model(candidate.sizes), config.train, config.protocol, fitted, fit.best_batches
     )
     plan = DimensionPlan(
         sizes={s: candidate.sizes[s].to(torch.int16) for s in SIDES},
@@ -444,12 +462,13 @@ def choose_plan(
         dataset_fingerprint=dataset.fingerprint,
         target_sparsity=c,
         metrics={
-            "val": val,
+            "val": fit.val,
             "test": test,
             "selection": {
                 "step": candidate.step,
                 "mean_q": candidate.mean_q,
-                "best_batches": result.best_batches,
+                "best_batches": fit.best_batches,
+                "reused_fits": reused,  # candidates whose retraining another budget (or run) had already done
                 "retrain_seconds": time.perf_counter() - started,  # top-l retrainings plus the test protocol
             },
         },

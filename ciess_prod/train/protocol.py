@@ -61,16 +61,21 @@ def score_with_protocol(
     make_model: Callable[[RecDataset], Recommender],
     config: TrainConfig,
     protocol: Protocol,
-    fitted: Recommender,
-    result: FitResult,
+    fitted: Recommender | None,
+    best_batches: int,
 ) -> tuple[Recommender, RecDataset, dict[str, float]]:
-    """Tests ``fitted`` (train_only) or a model retrained on train+validation for ``result.best_batches`` (final)."""
+    """Tests ``fitted`` (train_only) or a model retrained on train+validation for ``best_batches`` (final).
+
+    Under ``final`` the fitted weights are not used, so ``fitted`` may be None (a fit known from its outcome only).
+    """
     model, test_dataset = fitted, dataset
     if protocol == "final":
         test_dataset = dataset.with_validation_merged()
         torch.manual_seed(config.seed)
         model = make_model(test_dataset)
-        fit(model, test_dataset, config, n_batches=retrain_batches(config, dataset, test_dataset, result.best_batches))
+        fit(model, test_dataset, config, n_batches=retrain_batches(config, dataset, test_dataset, best_batches))
+    elif model is None:
+        raise ValueError(f"protocol {protocol!r} tests the fitted weights, but none were given")
     # With validation merged into train, "test" excludes train+validation items: the final protocol's ranking.
     return model, test_dataset, split_metrics(model, test_dataset, "test", config.eval_chunk)
 
@@ -83,5 +88,5 @@ def train_and_test(
 ) -> ProtocolResult:
     """Runs ``protocol``; ``make_model(dataset)`` builds a fresh, sized model over that dataset's graph."""
     fitted, result, val = fit_on_train(dataset, make_model, config)
-    model, test_dataset, test = score_with_protocol(dataset, make_model, config, protocol, fitted, result)
+    model, test_dataset, test = score_with_protocol(dataset, make_model, config, protocol, fitted, result.best_batches)
     return ProtocolResult(model=model, test_dataset=test_dataset, fit=result, val=val, test=test)
