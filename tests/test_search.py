@@ -73,6 +73,11 @@ def test_every_plan_meets_its_budget_and_reloads(finished_search):
         assert plan.sizes["user"].dtype == torch.int16 and plan.sizes["user"].numel() == 200
     # 0.93 of 16 columns (mean size 1.1) is beyond what the walk visits here: the documented repair derives it.
     assert summary["plans"]["0.93"]["repaired"] is True
+    # its sizes were never visited, so it has no mean q; the files stay strict JSON (no NaN)
+    assert "mean_q" not in summary["plans"]["0.93"]["selection"] and "mean_q" in summary["plans"]["0.50"]["selection"]
+    strict = {"parse_constant": lambda name: pytest.fail(f"{name} in JSON")}
+    json.loads((Path(config.output_dir) / "search.json").read_text(), **strict)
+    json.loads((Path(config.output_dir) / "plans" / "c0.93" / "plan.json").read_text(), **strict)
 
 
 def test_each_plan_comes_with_the_model_it_was_tested_with(finished_search):

@@ -91,6 +91,8 @@ def test_sizes_become_int16_and_properties_match_the_definition():
         (dict(target_sparsity=-0.1), "target_sparsity"),
         (dict(target_sparsity=float("nan")), "target_sparsity"),
         (dict(metrics={"val": {"recall": "high"}}), "metrics"),
+        (dict(metrics={"selection": {"mean_q": float("nan")}}), "selection.mean_q is nan, not a finite number"),
+        (dict(metrics={"test": {"recall@20": float("inf")}}), "test.recall@20 is inf"),
     ],
 )
 def test_constructor_rejects(kw, message):

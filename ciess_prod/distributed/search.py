@@ -50,7 +50,7 @@ from ciess_prod.search.agent import TD3Agent
 from ciess_prod.search.buffer import ReplayBuffer
 from ciess_prod.search.exploration import Explorer
 from ciess_prod.search.plan import DimensionPlan, repair_to_budget
-from ciess_prod.search.search import SearchConfig, budget_dirs, build_states
+from ciess_prod.search.search import SearchConfig, budget_dirs, build_states, known_mean_q
 from ciess_prod.train.checkpoint import save_checkpoint
 
 log = logging.getLogger(__name__)
@@ -336,7 +336,7 @@ def choose_plan(
         model=env.name,
         dataset_fingerprint=env.fingerprint,
         target_sparsity=c,
-        metrics={"val": val, "test": test, "selection": {"step": candidate.step, "mean_q": candidate.mean_q}},
+        metrics={"val": val, "test": test, "selection": {"step": candidate.step, **known_mean_q(candidate.mean_q)}},
         seed=search.seed,
         config=env.config_dict,
         repaired=repaired,

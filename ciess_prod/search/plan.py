@@ -142,6 +142,10 @@ class DimensionPlan:
             self.metrics = {str(k): {str(n): float(v) for n, v in m.items()} for k, m in self.metrics.items()}
         except (TypeError, ValueError) as e:
             raise PlanError(f"metrics: every value must be a number ({e})") from e
+        for split, values in self.metrics.items():  # an unknown value is left out: NaN is not JSON
+            for name, value in values.items():
+                if not math.isfinite(value):
+                    raise PlanError(f"metrics: {split}.{name} is {value}, not a finite number (leave unknowns out)")
 
     @property
     def total_rows(self) -> int:

@@ -369,6 +369,11 @@ def candidate_fits(config: SearchExperimentConfig, dataset: RecDataset, out: Pat
     return CandidateFits(out / "candidates", recipe)
 
 
+def known_mean_q(mean_q: float) -> dict[str, float]:
+    """The selection's mean q, left out for a repaired plan (its sizes were never visited, so never measured)."""
+    return {"mean_q": mean_q} if math.isfinite(mean_q) else {}
+
+
 def known(seconds: float) -> float | None:
     """None (null in search.json) for NaN: work saved before it was timed."""
     return None if math.isnan(seconds) else seconds
@@ -466,7 +471,7 @@ def choose_plan(
             "test": test,
             "selection": {
                 "step": candidate.step,
-                "mean_q": candidate.mean_q,
+                **known_mean_q(candidate.mean_q),
                 "best_batches": fit.best_batches,
                 "reused_fits": reused,  # candidates whose retraining another budget (or run) had already done
                 "retrain_seconds": time.perf_counter() - started,  # top-l retrainings plus the test protocol
