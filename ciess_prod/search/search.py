@@ -442,10 +442,10 @@ def choose_plan(
         ]
     # `final` retrains the chosen sizes on train+validation, so a fit known from its outcome serves as well as one
     # in memory; `train_only` tests the fitted weights, so it always retrains.
-    known_fits = fits if config.protocol == "final" else None
+    reads_fits = config.protocol == "final"
     best, reused = None, 0
     for candidate in candidates:
-        fitted, fit = None, known_fits.get(candidate.sizes) if known_fits is not None else None
+        fitted, fit = None, fits.get(candidate.sizes) if reads_fits else None
         if fit is None:
             fitted, result, val = fit_on_train(dataset, make_model(candidate.sizes), config.train)
             fit = CandidateFit(val=val, best_batches=result.best_batches, seconds=result.seconds)
