@@ -80,13 +80,18 @@ def row(config: SearchExperimentConfig, method: str, c: float, sizes: dict, test
 SEARCHES = ("ciess", "ciess_no_walk", "ciess_fill")
 
 
+def shared_reference(base: SearchExperimentConfig) -> str:
+    """The reference model a derived search shares with ``base`` (same data, model and recipe)."""
+    return base.reference_dir or str(ROOT / base.output_dir / "reference")
+
+
 def with_size_penalty(base: SearchExperimentConfig, size_penalty: float | None) -> SearchExperimentConfig:
     """The config's search at another lambda, in its own output directory (its variants get their suffix after it)."""
     if size_penalty is None or size_penalty == base.search.size_penalty:
         return base
     search = dataclasses.replace(base.search, size_penalty=size_penalty)
     return dataclasses.replace(base, search=search, output_dir=f"{base.output_dir}-lambda{size_penalty:g}",
-                               reference_dir=base.reference_dir or str(ROOT / base.output_dir / "reference"))
+                               reference_dir=shared_reference(base))
 
 
 def variant(base: SearchExperimentConfig, method: str) -> SearchExperimentConfig:
@@ -99,7 +104,7 @@ def variant(base: SearchExperimentConfig, method: str) -> SearchExperimentConfig
     else:  # ciess_fill: only the final retraining differs, so the search steps are the `ciess` run's
         search, suffix = dataclasses.replace(base.search, fill_budget=True), "-fill"
     return dataclasses.replace(base, search=search, output_dir=base.output_dir + suffix,
-                               reference_dir=base.reference_dir or str(ROOT / base.output_dir / "reference"))
+                               reference_dir=shared_reference(base))
 
 
 def reuse_search_state(source: Path, dest: Path) -> None:
