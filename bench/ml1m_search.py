@@ -2,11 +2,10 @@
 
 Appends to bench/results/ml1m.jsonl one row per budget and method, with the same keys as
 bench/ml1m_baselines.py plus `search_seconds`, `retrain_seconds` (summed over resumed runs; `wall_seconds` is their sum)
-and `peak_rss_mb`. Methods: `ciess`, `ciess_no_walk`, `mr`, `freq`,
-and `ciess_fill` (the finished `ciess` search retrained with `search.fill_budget`); `--size-penalty` runs them at
-another lambda (rows record it as `size_penalty`). Every row is tested under the
-same protocol as the `es` rows (configs/ml1m-search.yaml: `final`). Takes hours on 2 cores: run it in the
-background with a log.
+and `peak_rss_mb`. Methods: `ciess`, `ciess_no_walk`, `mr`, `freq`, and `ciess_fill` (the finished `ciess` search
+retrained with `search.fill_budget`); `--size-penalty` and `--gamma` run them at another lambda or TD3 discount (rows
+record them as `size_penalty` and `gamma`). Every row is tested under the same protocol as the `es` rows
+(configs/ml1m-search.yaml: `final`). Takes hours on 2 cores: run it in the background with a log.
 
     OMP_NUM_THREADS=1 python bench/ml1m_search.py > ml1m_search.log 2>&1 &
 """
@@ -85,12 +84,19 @@ def shared_reference(base: SearchExperimentConfig) -> str:
     return base.reference_dir or str(ROOT / base.output_dir / "reference")
 
 
-def with_size_penalty(base: SearchExperimentConfig, size_penalty: float | None) -> SearchExperimentConfig:
-    """The config's search at another lambda, in its own output directory (its variants get their suffix after it)."""
-    if size_penalty is None or size_penalty == base.search.size_penalty:
+def with_search_settings(base: SearchExperimentConfig, size_penalty: float | None = None,
+                         gamma: float | None = None) -> SearchExperimentConfig:
+    """The config's search at another lambda and/or TD3 discount, in its own output directory
+    (``<output_dir>-lambda2-gamma0``; its variants get their suffix after it)."""
+    search, suffix = base.search, ""
+    if size_penalty is not None and size_penalty != search.size_penalty:
+        search, suffix = dataclasses.replace(search, size_penalty=size_penalty), f"{suffix}-lambda{size_penalty:g}"
+    if gamma is not None and gamma != search.td3.gamma:
+        search = dataclasses.replace(search, td3=dataclasses.replace(search.td3, gamma=gamma))
+        suffix = f"{suffix}-gamma{gamma:g}"
+    if not suffix:
         return base
-    search = dataclasses.replace(base.search, size_penalty=size_penalty)
-    return dataclasses.replace(base, search=search, output_dir=f"{base.output_dir}-lambda{size_penalty:g}",
+    return dataclasses.replace(base, search=search, output_dir=base.output_dir + suffix,
                                reference_dir=shared_reference(base))
 
 
@@ -131,12 +137,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--size-penalty", type=float, metavar="LAMBDA",
                         help="searches: this lambda instead of the config's, in <output_dir>-lambda<LAMBDA> (the rows "
                              "record it as size_penalty)")
+    parser.add_argument("--gamma", type=float, metavar="G",
+                        help="searches: this TD3 discount instead of the config's, in <output_dir>-gamma<G> (0: the "
+                             "contextual-bandit form; the rows record it as gamma)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", force=True)
     base = load_yaml(SearchExperimentConfig, args.config)
     if args.size_penalty is not None and not args.size_penalty >= 0:
         parser.error(f"--size-penalty must be a number >= 0, got {args.size_penalty}")
-    searched = with_size_penalty(base, args.size_penalty)
+    if args.gamma is not None and not 0 <= args.gamma <= 1:
+        parser.error(f"--gamma must lie in [0, 1], got {args.gamma}")
+    searched = with_search_settings(base, args.size_penalty, args.gamma)
     dataset = load_dataset(base.data, ROOT)
 
     for method in args.methods:
@@ -155,7 +166,7 @@ def main(argv: list[str] | None = None) -> int:
                 record = row(config, method, c, plan.sizes, plan.metrics["test"], summary["total_seconds"],
                              search_seconds=seconds(summary["search_seconds"]),
                              retrain_seconds=seconds(summary["retrain_seconds"]), repaired=plan.repaired,
-                             size_penalty=config.search.size_penalty)
+                             size_penalty=config.search.size_penalty, gamma=config.search.td3.gamma)
                 append_jsonl(args.results, record)
                 print_row(record)
             continue

@@ -22,6 +22,7 @@ from bench.ml1m_baselines import PAPER_ES  # noqa: E402
 from ciess_prod.search.search import SearchConfig  # noqa: E402
 
 DEFAULT_SIZE_PENALTY = SearchConfig().size_penalty
+DEFAULT_GAMMA = SearchConfig().td3.gamma
 
 # Paper, MovieLens-1M, CIESS rows (Recall@20, NDCG@20).
 PAPER_CIESS = {
@@ -63,9 +64,14 @@ SIZE_METHODS = ("es", "mr", "freq", "ciess", "ciess_no_walk", "ciess_fill")
 
 
 def method_label(r: dict) -> str:
-    """The method, with its lambda where a search ran at another than the default (``--size-penalty``)."""
-    penalty = r.get("size_penalty")
-    return r["method"] if penalty in (None, DEFAULT_SIZE_PENALTY) else f"{r['method']} λ={penalty:g}"
+    """The method, with its lambda and TD3 discount where a search ran at other than the defaults
+    (``--size-penalty``, ``--gamma``)."""
+    label = r["method"]
+    if r.get("size_penalty") not in (None, DEFAULT_SIZE_PENALTY):
+        label += f" λ={r['size_penalty']:g}"
+    if r.get("gamma") not in (None, DEFAULT_GAMMA):
+        label += f" γ={r['gamma']:g}"
+    return label
 
 
 def ml1m_compare_table() -> None:

@@ -10,7 +10,7 @@ import torch
 import yaml
 
 from bench import summarize
-from bench.ml1m_search import STATE_FILE, reuse_search_state, variant, with_size_penalty
+from bench.ml1m_search import STATE_FILE, reuse_search_state, variant, with_search_settings
 from ciess_prod.config import to_dict
 from ciess_prod.search import DimensionPlan
 from ciess_prod.search.environment import SizeEnvironment
@@ -28,16 +28,22 @@ def test_variants_change_only_their_switch():
     assert no_walk.reference_dir == fill.reference_dir == "/data/run/reference"  # one reference model for all
 
 
-def test_another_lambda_searches_in_its_own_directory_with_the_shared_reference():
+def test_another_lambda_or_gamma_searches_in_its_own_directory_with_the_shared_reference():
     base = dataclasses.replace(TINY, output_dir="/data/run")
-    assert with_size_penalty(base, None) is base and with_size_penalty(base, base.search.size_penalty) is base
-    other = with_size_penalty(base, 2.0)
+    assert with_search_settings(base) is base
+    assert with_search_settings(base, base.search.size_penalty, base.search.td3.gamma) is base
+    other = with_search_settings(base, 2.0)
     assert other.search.size_penalty == 2.0 and other.output_dir == "/data/run-lambda2"
     assert other.reference_dir == "/data/run/reference"  # same training recipe: the reference model is shared
     assert dataclasses.replace(other, search=base.search, output_dir=base.output_dir, reference_dir=None) == base
     no_walk = variant(other, "ciess_no_walk")
     assert no_walk.output_dir == "/data/run-lambda2-no-walk" and no_walk.search.size_penalty == 2.0
     assert no_walk.reference_dir == "/data/run/reference"
+    bandit = with_search_settings(base, 2.0, gamma=0.0)
+    assert bandit.output_dir == "/data/run-lambda2-gamma0" and bandit.reference_dir == "/data/run/reference"
+    assert (bandit.search.size_penalty, bandit.search.td3.gamma) == (2.0, 0.0)
+    assert dataclasses.replace(bandit.search, td3=base.search.td3, size_penalty=base.search.size_penalty) == base.search
+    assert with_search_settings(base, gamma=0.5).output_dir == "/data/run-gamma0.5"
 
 
 def test_reuse_refuses_an_unfinished_search(tmp_path):
@@ -84,15 +90,17 @@ def test_compare_table_takes_the_latest_epoch_row_per_method_and_budget(monkeypa
     rows = [row("es", 0.8, 0.1, 0.805, sha="0" * 40), row("es", 0.8, 0.2, 0.805),
             row("es", 0.9, 0.3, 0.906, length="batches"), row("ciess", 0.9, 0.15, 0.933, sha="b" * 40),
             {**row("ciess", 0.9, 0.25, 0.91), "size_penalty": 2.0},
-            {**row("ciess", 0.9, 0.05, 0.95), "size_penalty": summarize.DEFAULT_SIZE_PENALTY},
+            {**row("ciess", 0.9, 0.05, 0.95), "size_penalty": summarize.DEFAULT_SIZE_PENALTY,
+             "gamma": summarize.DEFAULT_GAMMA},
+            {**row("ciess", 0.8, 0.3, 0.82), "size_penalty": 2.0, "gamma": 0.0},
             row("full", 0.0, 0.5, 0.0), row("es", 0.8, 0.9, 0.8, model="ngcf")]
     monkeypatch.setattr(summarize, "read", lambda name: rows)
     summarize.ml1m_compare_table()
     lines = capsys.readouterr().out.splitlines()
-    assert lines[0] == "| c | es | ciess | ciess λ=2 |"  # the default lambda's rows stay `ciess`
-    assert lines[2] == "| 0.8 | 0.2000 / 0.4000 (0.805) | - | - |"
-    assert lines[3] == "| 0.9 | - | 0.0500 / 0.1000 (0.950) | 0.2500 / 0.5000 (0.910) |"
-    assert lines[4] == "| git | aaaaaaa | aaaaaaa | aaaaaaa |"  # the shown rows' code, not the replaced ones'
+    assert lines[0] == "| c | es | ciess | ciess λ=2 | ciess λ=2 γ=0 |"  # the default settings' rows stay `ciess`
+    assert lines[2] == "| 0.8 | 0.2000 / 0.4000 (0.805) | - | - | 0.3000 / 0.6000 (0.820) |"
+    assert lines[3] == "| 0.9 | - | 0.0500 / 0.1000 (0.950) | 0.2500 / 0.5000 (0.910) | - |"
+    assert lines[4] == "| git | aaaaaaa | aaaaaaa | aaaaaaa | aaaaaaa |"  # the shown rows' code, not the replaced ones'
     assert len(lines) == 5
 
 
@@ -118,10 +126,16 @@ def test_search_diagnosis_reads_a_finished_search(tmp_path, one_torch_thread):
                                                for c in TINY.search.budgets}
 
 
-@pytest.mark.parametrize("value", ["-1", "nan"])
-def test_a_negative_or_nan_lambda_is_refused_before_any_work(value, capsys):
+@pytest.mark.parametrize(("flag", "value", "message"), [
+    ("--size-penalty", "-1", "--size-penalty must be a number >= 0"),
+    ("--size-penalty", "nan", "--size-penalty must be a number >= 0"),
+    ("--gamma", "-0.1", "--gamma must lie in [0, 1]"),
+    ("--gamma", "1.5", "--gamma must lie in [0, 1]"),
+    ("--gamma", "nan", "--gamma must lie in [0, 1]"),
+])
+def test_a_bad_lambda_or_gamma_is_refused_before_any_work(flag, value, message, capsys):
     from bench.ml1m_search import main
 
     with pytest.raises(SystemExit):
-        main(["--methods", "ciess", "--size-penalty", value])
-    assert "--size-penalty must be a number >= 0" in capsys.readouterr().err
+        main(["--methods", "ciess", flag, value])
+    assert message in capsys.readouterr().err
