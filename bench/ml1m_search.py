@@ -3,9 +3,10 @@
 Appends to bench/results/ml1m.jsonl one row per budget and method, with the same keys as
 bench/ml1m_baselines.py plus `search_seconds`, `retrain_seconds` (summed over resumed runs; `wall_seconds` is their sum)
 and `peak_rss_mb`. Methods: `ciess`, `ciess_no_walk`, `mr`, `freq`, and `ciess_fill` (the finished `ciess` search
-retrained with `search.fill_budget`); `--size-penalty` and `--gamma` run them at another lambda or TD3 discount (rows
-record them as `size_penalty` and `gamma`). Every row is tested under the same protocol as the `es` rows
-(configs/ml1m-search.yaml: `final`). Takes hours on 2 cores: run it in the background with a log.
+retrained with `search.fill_budget`); `--size-penalty`, `--gamma` and `--item-quality` run them at another lambda, TD3
+discount or eval(item) (rows record them as `size_penalty`, `gamma` and `item_quality`). Every row is tested under
+the same protocol as the `es` rows (configs/ml1m-search.yaml: `final`). Takes hours on 2 cores: run it in the
+background with a log.
 
     OMP_NUM_THREADS=1 python bench/ml1m_search.py > ml1m_search.log 2>&1 &
 """
@@ -84,16 +85,19 @@ def shared_reference(base: SearchExperimentConfig) -> str:
     return base.reference_dir or str(ROOT / base.output_dir / "reference")
 
 
-def with_search_settings(base: SearchExperimentConfig, size_penalty: float | None = None,
-                         gamma: float | None = None) -> SearchExperimentConfig:
-    """The config's search at another lambda and/or TD3 discount, in its own output directory
-    (``<output_dir>-lambda2-gamma0``; its variants get their suffix after it)."""
+def with_search_settings(base: SearchExperimentConfig, size_penalty: float | None = None, gamma: float | None = None,
+                         item_quality: str | None = None) -> SearchExperimentConfig:
+    """The config's search at another lambda, TD3 discount or item quality signal, in its own output directory
+    (``<output_dir>-lambda2-gamma0-items-hits``; its variants get their suffix after it)."""
     search, suffix = base.search, ""
     if size_penalty is not None and size_penalty != search.size_penalty:
         search, suffix = dataclasses.replace(search, size_penalty=size_penalty), f"{suffix}-lambda{size_penalty:g}"
     if gamma is not None and gamma != search.td3.gamma:
         search = dataclasses.replace(search, td3=dataclasses.replace(search.td3, gamma=gamma))
         suffix = f"{suffix}-gamma{gamma:g}"
+    if item_quality is not None and item_quality != search.environment.item_quality:
+        environment = dataclasses.replace(search.environment, item_quality=item_quality)
+        search, suffix = dataclasses.replace(search, environment=environment), f"{suffix}-items-{item_quality}"
     if not suffix:
         return base
     return dataclasses.replace(base, search=search, output_dir=base.output_dir + suffix,
@@ -140,6 +144,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--gamma", type=float, metavar="G",
                         help="searches: this TD3 discount instead of the config's, in <output_dir>-gamma<G> (0: the "
                              "contextual-bandit form; the rows record it as gamma)")
+    parser.add_argument("--item-quality", choices=["users", "hits"],
+                        help="searches: this eval(item) instead of the config's, in <output_dir>-items-<Q> (hits: the "
+                             "item's own validation hit rate; the rows record it as item_quality)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", force=True)
     base = load_yaml(SearchExperimentConfig, args.config)
@@ -147,7 +154,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--size-penalty must be a number >= 0, got {args.size_penalty}")
     if args.gamma is not None and not 0 <= args.gamma <= 1:
         parser.error(f"--gamma must lie in [0, 1], got {args.gamma}")
-    searched = with_search_settings(base, args.size_penalty, args.gamma)
+    searched = with_search_settings(base, args.size_penalty, args.gamma, args.item_quality)
     dataset = load_dataset(base.data, ROOT)
 
     for method in args.methods:
@@ -166,7 +173,8 @@ def main(argv: list[str] | None = None) -> int:
                 record = row(config, method, c, plan.sizes, plan.metrics["test"], summary["total_seconds"],
                              search_seconds=seconds(summary["search_seconds"]),
                              retrain_seconds=seconds(summary["retrain_seconds"]), repaired=plan.repaired,
-                             size_penalty=config.search.size_penalty, gamma=config.search.td3.gamma)
+                             size_penalty=config.search.size_penalty, gamma=config.search.td3.gamma,
+                             item_quality=config.search.environment.item_quality)
                 append_jsonl(args.results, record)
                 print_row(record)
             continue

@@ -23,6 +23,7 @@ from ciess_prod.search.search import SearchConfig  # noqa: E402
 
 DEFAULT_SIZE_PENALTY = SearchConfig().size_penalty
 DEFAULT_GAMMA = SearchConfig().td3.gamma
+DEFAULT_ITEM_QUALITY = SearchConfig().environment.item_quality
 
 # Paper, MovieLens-1M, CIESS rows (Recall@20, NDCG@20).
 PAPER_CIESS = {
@@ -64,13 +65,15 @@ SIZE_METHODS = ("es", "mr", "freq", "ciess", "ciess_no_walk", "ciess_fill")
 
 
 def method_label(r: dict) -> str:
-    """The method, with its lambda and TD3 discount where a search ran at other than the defaults
-    (``--size-penalty``, ``--gamma``)."""
+    """The method, with its lambda, TD3 discount and item quality signal where a search ran at other than the
+    defaults (``--size-penalty``, ``--gamma``, ``--item-quality``)."""
     label = r["method"]
     if r.get("size_penalty") not in (None, DEFAULT_SIZE_PENALTY):
         label += f" λ={r['size_penalty']:g}"
     if r.get("gamma") not in (None, DEFAULT_GAMMA):
         label += f" γ={r['gamma']:g}"
+    if r.get("item_quality") not in (None, DEFAULT_ITEM_QUALITY):
+        label += f" items={r['item_quality']}"
     return label
 
 

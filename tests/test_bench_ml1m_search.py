@@ -44,6 +44,9 @@ def test_another_lambda_or_gamma_searches_in_its_own_directory_with_the_shared_r
     assert (bandit.search.size_penalty, bandit.search.td3.gamma) == (2.0, 0.0)
     assert dataclasses.replace(bandit.search, td3=base.search.td3, size_penalty=base.search.size_penalty) == base.search
     assert with_search_settings(base, gamma=0.5).output_dir == "/data/run-gamma0.5"
+    hits = with_search_settings(base, 2.0, item_quality="hits")
+    assert hits.output_dir == "/data/run-lambda2-items-hits" and hits.search.environment.item_quality == "hits"
+    assert with_search_settings(base, item_quality="users") is base
 
 
 def test_reuse_refuses_an_unfinished_search(tmp_path):
@@ -93,15 +96,19 @@ def test_compare_table_takes_the_latest_epoch_row_per_method_and_budget(monkeypa
             {**row("ciess", 0.9, 0.05, 0.95), "size_penalty": summarize.DEFAULT_SIZE_PENALTY,
              "gamma": summarize.DEFAULT_GAMMA},
             {**row("ciess", 0.8, 0.3, 0.82), "size_penalty": 2.0, "gamma": 0.0},
+            {**row("ciess", 0.95, 0.1, 0.95), "size_penalty": 2.0, "gamma": 0.99, "item_quality": "hits"},
             row("full", 0.0, 0.5, 0.0), row("es", 0.8, 0.9, 0.8, model="ngcf")]
     monkeypatch.setattr(summarize, "read", lambda name: rows)
     summarize.ml1m_compare_table()
     lines = capsys.readouterr().out.splitlines()
-    assert lines[0] == "| c | es | ciess | ciess λ=2 | ciess λ=2 γ=0 |"  # the default settings' rows stay `ciess`
-    assert lines[2] == "| 0.8 | 0.2000 / 0.4000 (0.805) | - | - | 0.3000 / 0.6000 (0.820) |"
-    assert lines[3] == "| 0.9 | - | 0.0500 / 0.1000 (0.950) | 0.2500 / 0.5000 (0.910) | - |"
-    assert lines[4] == "| git | aaaaaaa | aaaaaaa | aaaaaaa | aaaaaaa |"  # the shown rows' code, not the replaced ones'
-    assert len(lines) == 5
+    # the default settings' rows stay `ciess`
+    assert lines[0] == "| c | es | ciess | ciess λ=2 | ciess λ=2 items=hits | ciess λ=2 γ=0 |"
+    assert lines[2] == "| 0.8 | 0.2000 / 0.4000 (0.805) | - | - | - | 0.3000 / 0.6000 (0.820) |"
+    assert lines[3] == "| 0.9 | - | 0.0500 / 0.1000 (0.950) | 0.2500 / 0.5000 (0.910) | - | - |"
+    assert lines[4] == "| 0.95 | - | - | - | 0.1000 / 0.2000 (0.950) | - |"
+    # the shown rows' code, not the replaced ones'
+    assert lines[5] == "| git | aaaaaaa | aaaaaaa | aaaaaaa | aaaaaaa | aaaaaaa |"
+    assert len(lines) == 6
 
 
 def test_search_diagnosis_reads_a_finished_search(tmp_path, one_torch_thread):
@@ -132,6 +139,7 @@ def test_search_diagnosis_reads_a_finished_search(tmp_path, one_torch_thread):
     ("--gamma", "-0.1", "--gamma must lie in [0, 1]"),
     ("--gamma", "1.5", "--gamma must lie in [0, 1]"),
     ("--gamma", "nan", "--gamma must lie in [0, 1]"),
+    ("--item-quality", "rank", "invalid choice: 'rank'"),
 ])
 def test_a_bad_lambda_or_gamma_is_refused_before_any_work(flag, value, message, capsys):
     from bench.ml1m_search import main

@@ -7,7 +7,14 @@ import pytest
 import scipy.sparse as sp
 import torch
 
-from ciess_prod.eval.metrics import item_quality, rank_users, top_k_items, user_quality
+from ciess_prod.eval.metrics import (
+    RankingResult,
+    item_hit_quality,
+    item_quality,
+    rank_users,
+    top_k_items,
+    user_quality,
+)
 
 
 def _random_csr(rng: np.random.Generator, n_users: int, n_items: int, density: float) -> sp.csr_matrix:
@@ -89,6 +96,38 @@ def test_quality_signals_follow_their_definitions():
         users = train[:, i].nonzero()[0]
         want = float(q_user[users].mean()) if len(users) else 0.0
         assert float(q_item[i]) == pytest.approx(want, abs=1e-9)
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_item_hit_quality_is_the_item_side_recall(seed):
+    rng = np.random.default_rng(seed)
+    n_users, n_items = 23, 31
+    scores = rng.integers(0, 5, size=(n_users, n_items)).astype(np.float64)  # ties at the cut-offs
+    train = _random_csr(rng, n_users, n_items, 0.2)
+    val = _random_csr(rng, n_users, n_items, 0.25)
+    val = (val - val.multiply(train)).tocsr()
+    val.eliminate_zeros()
+    result = rank_users(lambda u: torch.from_numpy(scores)[u], val, [train], chunk_size=5)
+    q = item_hit_quality(result, val)
+
+    want = np.zeros(n_items)
+    for k in (5, 10, 20):
+        hits = np.zeros(n_items)
+        for u in range(n_users):
+            excluded = set(train[u].indices.tolist())
+            ranked = sorted((i for i in range(n_items) if i not in excluded), key=lambda i: (-scores[u, i], i))[:k]
+            for i in set(ranked) & set(val[u].indices.tolist()):
+                hits[i] += 1
+        want += hits / np.maximum(val.getnnz(axis=0), 1) / 3
+    np.testing.assert_allclose(q.numpy(), want, atol=1e-12)
+    assert (q[torch.from_numpy(val.getnnz(axis=0) == 0)] == 0).all()  # no target: 0, so q_n = 1 in the search
+    assert q.max() > 0
+
+
+def test_item_hit_quality_needs_counted_hits():
+    result = RankingResult(ks=(5, 10, 20), recall={}, ndcg={}, has_target=torch.zeros(0, dtype=torch.bool))
+    with pytest.raises(ValueError, match="counted item hits"):
+        item_hit_quality(result, sp.csr_matrix((0, 4)))
 
 
 def test_rank_users_rejects_bad_score_shapes():

@@ -14,6 +14,7 @@ import yaml
 
 from ciess_prod.config import to_dict
 from ciess_prod.data import DataConfig, SyntheticConfig, load_dataset
+from ciess_prod.eval.metrics import item_hit_quality
 from ciess_prod.models import ModelConfig, build_model
 from ciess_prod.search import DimensionPlan
 from ciess_prod.search.baselines import frequency_sizes, random_sizes
@@ -28,7 +29,7 @@ from ciess_prod.search.search import (
     rewards,
     run_search,
 )
-from ciess_prod.train.trainer import TrainConfig
+from ciess_prod.train.trainer import TrainConfig, evaluate, fit
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = SearchExperimentConfig(
@@ -206,6 +207,27 @@ def test_environment_protocols_measure_quality(protocol):
     again = env.evaluate(sizes, step_seed=0)
     assert torch.equal(quality.ratio["user"], again.ratio["user"])  # seeded: a step is reproducible
     assert 0 <= quality.mean_ratio <= 1
+
+
+def test_item_quality_hits_credits_an_items_own_size():
+    dataset = load_dataset(TINY.data)
+    reference = build_model(TINY.model, dataset.n_users, dataset.n_items, dataset.train)
+    fit(reference, dataset, TINY.train)
+    config = EnvironmentConfig(batches=1, lr=1e-9, item_quality="hits")  # a fine-tune that changes nothing
+    env = SizeEnvironment(dataset, TINY.model, TINY.train, config, reference)
+    torch.testing.assert_close(env.reference_quality["item"],
+                               item_hit_quality(evaluate(reference, dataset, "val"), dataset.val))
+    full = {"user": torch.full((dataset.n_users,), 16), "item": torch.full((dataset.n_items,), 16)}
+    shrunk = torch.zeros(dataset.n_items, dtype=torch.bool)
+    shrunk[::2] = True  # half the items to size 1, each user keeps 16
+    sizes = {**full, "item": torch.where(shrunk, 1, 16)}
+    hits = env.evaluate(sizes, step_seed=0).ratio["item"]
+    assert hits[shrunk].mean() < hits[~shrunk].mean()  # the shrunk items lose their own hits
+    paper = SizeEnvironment(dataset, TINY.model, TINY.train, dataclasses.replace(config, item_quality="users"),
+                            reference).evaluate(sizes, step_seed=0).ratio["item"]
+    assert not torch.equal(paper, hits)
+    with pytest.raises(ValueError, match="item_quality"):
+        EnvironmentConfig(item_quality="rank")
 
 
 def test_walk_ablation_runs(tmp_path):

@@ -30,6 +30,7 @@ from ciess_prod.distributed.environment import (
     all_reduce,
     check_batch_size,
     rank_slice,
+    refuse_unsupported,
 )
 from ciess_prod.distributed.layout import route_to_owners
 from ciess_prod.distributed.sharding import ShardingConfig
@@ -81,8 +82,7 @@ class CTRSearchExperimentConfig:
     def __post_init__(self) -> None:
         if self.model.d_max < 2:
             raise ValueError(f"model.d_max must be >= 2 for a search, got {self.model.d_max}")
-        if self.search.fill_budget or self.search.reward != "paper":
-            raise ValueError("search.fill_budget and search.reward 'code' are not supported by the sharded search")
+        refuse_unsupported(self.search)
         impossible = [c for c in self.search.budgets if (1 - c) * self.model.d_max < 1]
         if impossible:
             raise ValueError(

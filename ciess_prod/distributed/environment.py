@@ -21,6 +21,7 @@ from torch import nn
 from ciess_prod.distributed.layout import TableLayout, table_layouts
 from ciess_prod.distributed.rows import LocalShard, enforce_sizes, held_rows, init_shards, local_shards
 from ciess_prod.distributed.sharding import ShardingConfig, shard_model
+from ciess_prod.search.search import SearchConfig
 
 EBC = "ebc"  # the attribute holding the EmbeddingBagCollection in every sharded model
 
@@ -30,6 +31,15 @@ def all_reduce(*values: float, op: dist.ReduceOp = dist.ReduceOp.SUM) -> list[fl
     t = torch.tensor(values, dtype=torch.float64)
     dist.all_reduce(t, op=op)
     return t.tolist()
+
+
+def refuse_unsupported(search: SearchConfig) -> None:
+    """The single-process search's options that the sharded search does not implement, refused before any work."""
+    if search.fill_budget or search.reward != "paper":
+        raise ValueError("search.fill_budget and search.reward 'code' are not supported by the sharded search")
+    if search.environment.item_quality != "users":
+        raise ValueError("search.environment.item_quality 'hits' is not supported by the sharded search (the "
+                         "sharded ranking does not count item hits)")
 
 
 def process_device() -> torch.device:

@@ -54,6 +54,7 @@ from ciess_prod.distributed.environment import (
     all_reduce,
     check_batch_size,
     rank_slice,
+    refuse_unsupported,
 )
 from ciess_prod.distributed.layout import route_to_owners
 from ciess_prod.distributed.nodes import Nodes, ShardedGraph
@@ -84,8 +85,7 @@ class ShardedSearchExperimentConfig(SearchExperimentConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.search.fill_budget or self.search.reward != "paper":
-            raise ValueError("search.fill_budget and search.reward 'code' are not supported by the sharded search")
+        refuse_unsupported(self.search)
         if self.item_piece < 1:
             raise ValueError(f"item_piece must be >= 1, got {self.item_piece}")
 

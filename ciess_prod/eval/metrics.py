@@ -29,6 +29,9 @@ class RankingResult:
     recall: dict[int, torch.Tensor]
     ndcg: dict[int, torch.Tensor]
     has_target: torch.Tensor  # bool [n_users]: the user has at least one target item
+    # item_hits[k]: float64 [n_items], how many of the ranked users' targets at each item were in their top-k
+    # (None where the ranking did not count them, e.g. the sharded ranking)
+    item_hits: dict[int, torch.Tensor] | None = None
 
     def mean(self) -> dict[str, float]:
         """Means over ALL users (users without targets count as 0), keyed like ``recall@20``."""
@@ -74,6 +77,24 @@ def top_k_items(scores: torch.Tensor, k: int) -> torch.Tensor:
     items = chosen.nonzero()[:, 1].view(-1, k)  # row-major, so ascending item index within a row
     order = torch.sort(scores.gather(1, items), dim=1, descending=True, stable=True).indices
     return items.gather(1, order)
+
+
+def count_item_hits(
+    top: torch.Tensor, targets: sp.csr_matrix, rows: np.ndarray, ks: Sequence[int]
+) -> dict[int, torch.Tensor]:
+    """Per item, how many of the users ``rows``' targets it is were ranked in their top-k: float64 [n_items] per k.
+
+    ``top`` [B, k_max] are the users' ranked lists (entries >= n_items are padding).
+    """
+    n_items = targets.shape[1]
+    relevant = torch.cat([_rows_to_dense(targets, rows), torch.zeros(len(rows), 1, dtype=torch.bool)], dim=1)
+    top = top.clamp(max=n_items)
+    hit = relevant.gather(1, top)  # [B, k_max]
+    counts = {}
+    for k in ks:
+        kk = min(k, top.shape[1])
+        counts[k] = torch.bincount(top[:, :kk][hit[:, :kk]], minlength=n_items)[:n_items].to(torch.float64)
+    return counts
 
 
 def top_k_metrics(
@@ -124,6 +145,7 @@ def rank_users(
     k_max = max(ks)
     recall = {k: torch.zeros(n_users, dtype=torch.float64) for k in ks}
     ndcg = {k: torch.zeros(n_users, dtype=torch.float64) for k in ks}
+    item_hits = {k: torch.zeros(n_items, dtype=torch.float64) for k in ks}
     n_targets = torch.from_numpy(np.diff(targets.indptr).astype(np.int64))
 
     for start in range(0, len(users), chunk_size):
@@ -136,15 +158,18 @@ def rank_users(
         scores = scores.clone()
         for m in exclude:
             scores[_rows_to_dense(m, rows)] = -torch.inf
-        chunk_recall, chunk_ndcg = top_k_metrics(top_k_items(scores, k_max), targets, rows, ks)
+        top = top_k_items(scores, k_max)
+        chunk_recall, chunk_ndcg = top_k_metrics(top, targets, rows, ks)
+        chunk_hits = count_item_hits(top, targets, rows, ks)
         for k in ks:
             recall[k][rows_t] = chunk_recall[k]
             ndcg[k][rows_t] = chunk_ndcg[k]
+            item_hits[k] += chunk_hits[k]
     has_target = n_targets > 0
     for k in ks:
         recall[k][~has_target] = 0.0
         ndcg[k][~has_target] = 0.0
-    return RankingResult(ks=ks, recall=recall, ndcg=ndcg, has_target=has_target)
+    return RankingResult(ks=ks, recall=recall, ndcg=ndcg, has_target=has_target, item_hits=item_hits)
 
 
 def user_quality(result: RankingResult) -> torch.Tensor:
@@ -164,3 +189,20 @@ def item_quality(user_q: torch.Tensor, train: sp.csr_matrix) -> torch.Tensor:
     total = torch.zeros(n_items, dtype=user_q.dtype).index_add_(0, items, user_q[users])
     count = torch.zeros(n_items, dtype=user_q.dtype).index_add_(0, items, torch.ones_like(users, dtype=user_q.dtype))
     return total / count.clamp(min=1)
+
+
+def item_hit_quality(result: RankingResult, targets: sp.csr_matrix) -> torch.Tensor:
+    """eval(item) from the item's own targets: mean over k in {5, 10, 20} of the share of them ranked in their
+    user's top-k (the item-side Recall@k; 0 for items with no target), shape [n_items]. ``result`` ranks every
+    user (``rank_users``' default), as ``targets`` counts all of them.
+
+    Unlike ``item_quality`` it moves with the item's own embedding rather than with its users' rankings of all
+    items, so a search can credit an item's size to the item.
+    """
+    if result.item_hits is None:
+        raise ValueError("item hit quality needs a ranking that counted item hits (rank_users)")
+    missing = [k for k in QUALITY_KS if k not in result.ks]
+    if missing:
+        raise ValueError(f"item hit quality needs cut-offs {QUALITY_KS}; the ranking lacks {missing}")
+    per_item = torch.from_numpy(np.asarray(targets.getnnz(axis=0), dtype=np.float64))
+    return torch.stack([result.item_hits[k] for k in QUALITY_KS]).mean(0) / per_item.clamp(min=1.0)

@@ -4,7 +4,8 @@ One step takes a size for every user and item, trains the recommender at those s
 trained full-size reference for a few batches; ``paper``: trains a freshly initialised model for a fixed batch
 budget, as in the paper), ranks the validation split, and returns each row's quality ratio
 q_n = min(eval(n | sizes) / eval(n | full size), 1) (digest section 2). A row whose reference quality is 0
-(no validation hit at full size) gets q_n = 1: nothing can be lost there.
+(no validation hit at full size) gets q_n = 1: nothing can be lost there. eval(item) is the paper's mean eval(u)
+over the item's training users, or (``item_quality: hits``) the item's own validation hit rate.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from typing import Literal
 import torch
 
 from ciess_prod.data import RecDataset
-from ciess_prod.eval.metrics import item_quality, user_quality
+from ciess_prod.eval.metrics import item_hit_quality, item_quality, user_quality
 from ciess_prod.models import SIDES, ModelConfig, Recommender, build_model
 from ciess_prod.train.trainer import TrainConfig, evaluate, fit
 
@@ -26,12 +27,17 @@ class EnvironmentConfig:
     protocol: Literal["warm", "paper"] = "warm"  # warm: fine-tune the full-size reference; paper: train from scratch
     batches: int = 40  # BPR batches per step (the authors' code trains 2000 from scratch under "paper")
     lr: float = 0.003  # Adam lr of the warm fine-tune (paper protocol uses the train recipe's schedule)
+    # eval(item): users = mean eval(u) over its training users [P]; hits = its own validation items' hit rate in
+    # their users' top-k, which moves with the item's own size
+    item_quality: Literal["users", "hits"] = "users"
 
     def __post_init__(self) -> None:
         if self.batches < 1:
             raise ValueError(f"environment.batches must be >= 1, got {self.batches}")
         if self.lr <= 0:
             raise ValueError(f"environment.lr must be > 0, got {self.lr}")
+        if self.item_quality not in ("users", "hits"):
+            raise ValueError(f"environment.item_quality must be 'users' or 'hits', got {self.item_quality!r}")
 
 
 @dataclass
@@ -47,10 +53,14 @@ class Quality:
         return float(torch.cat([self.ratio[s] for s in SIDES]).double().mean())
 
 
-def row_quality(model: Recommender, dataset: RecDataset, chunk: int) -> dict[str, torch.Tensor]:
+def row_quality(
+    model: Recommender, dataset: RecDataset, chunk: int, item_signal: Literal["users", "hits"] = "users"
+) -> dict[str, torch.Tensor]:
     """eval(user) and eval(item) on the validation split (training items excluded)."""
-    users = user_quality(evaluate(model, dataset, "val", chunk_size=chunk))
-    return {"user": users, "item": item_quality(users, dataset.train)}
+    result = evaluate(model, dataset, "val", chunk_size=chunk)
+    users = user_quality(result)
+    items = item_quality(users, dataset.train) if item_signal == "users" else item_hit_quality(result, dataset.val)
+    return {"user": users, "item": items}
 
 
 class SizeEnvironment:
@@ -66,7 +76,7 @@ class SizeEnvironment:
     ) -> None:
         self.dataset, self.model_config, self.train_config, self.config = dataset, model_config, train_config, config
         self.reference_state = {k: v.detach().clone() for k, v in reference.state_dict().items()}
-        self.reference_quality = row_quality(reference, dataset, train_config.eval_chunk)
+        self.reference_quality = row_quality(reference, dataset, train_config.eval_chunk, config.item_quality)
         self._model = build_model(model_config, dataset.n_users, dataset.n_items, dataset.train)
 
     def step_config(self, step_seed: int) -> TrainConfig:
@@ -88,7 +98,7 @@ class SizeEnvironment:
         for side in SIDES:
             model.set_row_sizes(side, sizes[side])
         fit(model, self.dataset, self.step_config(step_seed), n_batches=self.config.batches)
-        raw = row_quality(model, self.dataset, self.train_config.eval_chunk)
+        raw = row_quality(model, self.dataset, self.train_config.eval_chunk, self.config.item_quality)
         return Quality(raw=raw, ratio={s: self.ratio(s, raw[s]) for s in SIDES})
 
     def ratio(self, side: str, raw: torch.Tensor) -> torch.Tensor:
