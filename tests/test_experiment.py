@@ -162,3 +162,16 @@ def test_split_config_is_honoured():
     dataset = load_dataset(dataclasses.replace(SMALL_DATA, split=SplitConfig(0.6, 0.2, 0.2, seed=3)))
     total = dataset.train.nnz + dataset.val.nnz + dataset.test.nnz
     assert dataset.train.nnz / total == pytest.approx(0.6, abs=0.03)
+
+
+@pytest.mark.parametrize(("change", "message"), [
+    ({"environment": {"item_quality": "hits"}}, "item_quality 'hits' is not supported by the sharded search"),
+    ({"fill_budget": True}, "fill_budget and search.reward 'code' are not supported"),
+])
+def test_the_ctr_search_refuses_single_process_only_options(change, message):
+    from ciess_prod.distributed.ctr import CTRSearchExperimentConfig
+
+    raw = yaml.safe_load((Path(__file__).resolve().parent.parent / "configs" / "ctr-smoke.yaml").read_text())
+    raw["search"] = {**raw.get("search", {}), **change}
+    with pytest.raises(Exception, match=message):
+        from_dict(CTRSearchExperimentConfig, raw)
