@@ -104,6 +104,7 @@ def main() -> int:
         for kind in ("table_wise", "row_wise", "column_wise", "table_row_wise", "auto"):
             check(kind, PoolingType.SUM, "sum", "rowwise_adagrad")
             check(kind, PoolingType.MEAN, "mean", "sgd")
+        dist.barrier()  # neither rank tears gloo down while the other still sends (only on success: no hang)
     finally:
         dist.destroy_process_group()
     return 0
