@@ -3,8 +3,9 @@
 Appends to bench/results/ml1m.jsonl one row per budget and method, with the same keys as
 bench/ml1m_baselines.py plus `search_seconds`, `retrain_seconds` (summed over resumed runs; `wall_seconds` is their sum)
 and `peak_rss_mb`. Methods: `ciess`, `ciess_no_walk`, `mr`, `freq`, and `ciess_fill` (the finished `ciess` search
-retrained with `search.fill_budget`); `--size-penalty`, `--gamma` and `--item-quality` run them at another lambda, TD3
-discount or eval(item) (rows record them as `size_penalty`, `gamma` and `item_quality`). Every row is tested under
+retrained with `search.fill_budget`); `--size-penalty`, `--gamma`, `--item-quality` and `--random-steps` run them at
+another lambda, TD3 discount, eval(item) or random warm-up (rows record them as `size_penalty`, `gamma`,
+`item_quality` and `random_steps`). Every row is tested under
 the same protocol as the `es` rows (configs/ml1m-search.yaml: `final`). Takes hours on 2 cores: run it in the
 background with a log.
 
@@ -86,9 +87,10 @@ def shared_reference(base: SearchExperimentConfig) -> str:
 
 
 def with_search_settings(base: SearchExperimentConfig, size_penalty: float | None = None, gamma: float | None = None,
-                         item_quality: str | None = None) -> SearchExperimentConfig:
-    """The config's search at another lambda, TD3 discount or item quality signal, in its own output directory
-    (``<output_dir>-lambda2-gamma0-items-hits``; its variants get their suffix after it)."""
+                         item_quality: str | None = None, random_steps: int | None = None) -> SearchExperimentConfig:
+    """The config's search at another lambda, TD3 discount, item quality signal or number of random warm-up steps,
+    in its own output directory (``<output_dir>-lambda2-gamma0-items-hits-random20``; its variants get their suffix
+    after it)."""
     search, suffix = base.search, ""
     if size_penalty is not None and size_penalty != search.size_penalty:
         search, suffix = dataclasses.replace(search, size_penalty=size_penalty), f"{suffix}-lambda{size_penalty:g}"
@@ -98,6 +100,9 @@ def with_search_settings(base: SearchExperimentConfig, size_penalty: float | Non
     if item_quality is not None and item_quality != search.environment.item_quality:
         environment = dataclasses.replace(search.environment, item_quality=item_quality)
         search, suffix = dataclasses.replace(search, environment=environment), f"{suffix}-items-{item_quality}"
+    if random_steps is not None and random_steps != search.exploration.random_steps:
+        exploration = dataclasses.replace(search.exploration, random_steps=random_steps)
+        search, suffix = dataclasses.replace(search, exploration=exploration), f"{suffix}-random{random_steps}"
     if not suffix:
         return base
     return dataclasses.replace(base, search=search, output_dir=base.output_dir + suffix,
@@ -147,6 +152,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--item-quality", choices=["users", "hits"],
                         help="searches: this eval(item) instead of the config's, in <output_dir>-items-<Q> (hits: the "
                              "item's own validation hit rate; the rows record it as item_quality)")
+    parser.add_argument("--random-steps", type=int, metavar="N",
+                        help="searches: the first N steps size every row uniformly at random, in "
+                             "<output_dir>-random<N> (the rows record it as random_steps)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", force=True)
     base = load_yaml(SearchExperimentConfig, args.config)
@@ -154,7 +162,9 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--size-penalty must be a number >= 0, got {args.size_penalty}")
     if args.gamma is not None and not 0 <= args.gamma <= 1:
         parser.error(f"--gamma must lie in [0, 1], got {args.gamma}")
-    searched = with_search_settings(base, args.size_penalty, args.gamma, args.item_quality)
+    if args.random_steps is not None and args.random_steps < 0:
+        parser.error(f"--random-steps must be >= 0, got {args.random_steps}")
+    searched = with_search_settings(base, args.size_penalty, args.gamma, args.item_quality, args.random_steps)
     dataset = load_dataset(base.data, ROOT)
 
     for method in args.methods:
@@ -174,7 +184,8 @@ def main(argv: list[str] | None = None) -> int:
                              search_seconds=seconds(summary["search_seconds"]),
                              retrain_seconds=seconds(summary["retrain_seconds"]), repaired=plan.repaired,
                              size_penalty=config.search.size_penalty, gamma=config.search.td3.gamma,
-                             item_quality=config.search.environment.item_quality)
+                             item_quality=config.search.environment.item_quality,
+                             random_steps=config.search.exploration.random_steps)
                 append_jsonl(args.results, record)
                 print_row(record)
             continue

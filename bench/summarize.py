@@ -65,8 +65,8 @@ SIZE_METHODS = ("es", "mr", "freq", "ciess", "ciess_no_walk", "ciess_fill")
 
 
 def method_label(r: dict) -> str:
-    """The method, with its lambda, TD3 discount and item quality signal where a search ran at other than the
-    defaults (``--size-penalty``, ``--gamma``, ``--item-quality``)."""
+    """The method, with its lambda, TD3 discount, item quality signal and random warm-up where a search ran at
+    other than the defaults (``--size-penalty``, ``--gamma``, ``--item-quality``, ``--random-steps``)."""
     label = r["method"]
     if r.get("size_penalty") not in (None, DEFAULT_SIZE_PENALTY):
         label += f" λ={r['size_penalty']:g}"
@@ -74,6 +74,8 @@ def method_label(r: dict) -> str:
         label += f" γ={r['gamma']:g}"
     if r.get("item_quality") not in (None, DEFAULT_ITEM_QUALITY):
         label += f" items={r['item_quality']}"
+    if r.get("random_steps"):
+        label += f" random={r['random_steps']}"
     return label
 
 

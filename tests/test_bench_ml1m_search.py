@@ -47,6 +47,9 @@ def test_another_lambda_or_gamma_searches_in_its_own_directory_with_the_shared_r
     hits = with_search_settings(base, 2.0, item_quality="hits")
     assert hits.output_dir == "/data/run-lambda2-items-hits" and hits.search.environment.item_quality == "hits"
     assert with_search_settings(base, item_quality="users") is base
+    warm_up = with_search_settings(base, 2.0, item_quality="hits", random_steps=20)
+    assert warm_up.output_dir == "/data/run-lambda2-items-hits-random20"
+    assert warm_up.search.exploration.random_steps == 20 and warm_up.search.exploration.walk
 
 
 def test_reuse_refuses_an_unfinished_search(tmp_path):
@@ -96,18 +99,21 @@ def test_compare_table_takes_the_latest_epoch_row_per_method_and_budget(monkeypa
             {**row("ciess", 0.9, 0.05, 0.95), "size_penalty": summarize.DEFAULT_SIZE_PENALTY,
              "gamma": summarize.DEFAULT_GAMMA},
             {**row("ciess", 0.8, 0.3, 0.82), "size_penalty": 2.0, "gamma": 0.0},
-            {**row("ciess", 0.95, 0.1, 0.95), "size_penalty": 2.0, "gamma": 0.99, "item_quality": "hits"},
+            {**row("ciess", 0.95, 0.1, 0.95), "size_penalty": 2.0, "gamma": 0.99, "item_quality": "hits",
+             "random_steps": 0},
+            {**row("ciess", 0.95, 0.12, 0.96), "size_penalty": 2.0, "item_quality": "hits", "random_steps": 20},
             row("full", 0.0, 0.5, 0.0), row("es", 0.8, 0.9, 0.8, model="ngcf")]
     monkeypatch.setattr(summarize, "read", lambda name: rows)
     summarize.ml1m_compare_table()
     lines = capsys.readouterr().out.splitlines()
     # the default settings' rows stay `ciess`
-    assert lines[0] == "| c | es | ciess | ciess λ=2 | ciess λ=2 items=hits | ciess λ=2 γ=0 |"
-    assert lines[2] == "| 0.8 | 0.2000 / 0.4000 (0.805) | - | - | - | 0.3000 / 0.6000 (0.820) |"
-    assert lines[3] == "| 0.9 | - | 0.0500 / 0.1000 (0.950) | 0.2500 / 0.5000 (0.910) | - | - |"
-    assert lines[4] == "| 0.95 | - | - | - | 0.1000 / 0.2000 (0.950) | - |"
+    labels = ["es", "ciess", "ciess λ=2", "ciess λ=2 items=hits", "ciess λ=2 items=hits random=20", "ciess λ=2 γ=0"]
+    assert lines[0] == "| c | " + " | ".join(labels) + " |"
+    assert lines[2] == "| 0.8 | 0.2000 / 0.4000 (0.805) | - | - | - | - | 0.3000 / 0.6000 (0.820) |"
+    assert lines[3] == "| 0.9 | - | 0.0500 / 0.1000 (0.950) | 0.2500 / 0.5000 (0.910) | - | - | - |"
+    assert lines[4] == "| 0.95 | - | - | - | 0.1000 / 0.2000 (0.950) | 0.1200 / 0.2400 (0.960) | - |"
     # the shown rows' code, not the replaced ones'
-    assert lines[5] == "| git | aaaaaaa | aaaaaaa | aaaaaaa | aaaaaaa | aaaaaaa |"
+    assert lines[5] == "| git | aaaaaaa | aaaaaaa | aaaaaaa | aaaaaaa | aaaaaaa | aaaaaaa |"
     assert len(lines) == 6
 
 
@@ -140,6 +146,7 @@ def test_search_diagnosis_reads_a_finished_search(tmp_path, one_torch_thread):
     ("--gamma", "1.5", "--gamma must lie in [0, 1]"),
     ("--gamma", "nan", "--gamma must lie in [0, 1]"),
     ("--item-quality", "rank", "invalid choice: 'rank'"),
+    ("--random-steps", "-1", "--random-steps must be >= 0"),
 ])
 def test_a_bad_lambda_or_gamma_is_refused_before_any_work(flag, value, message, capsys):
     from bench.ml1m_search import main

@@ -230,6 +230,23 @@ def test_item_quality_hits_credits_an_items_own_size():
         EnvironmentConfig(item_quality="rank")
 
 
+def test_random_warm_up_steps_size_rows_uniformly_then_hand_over_to_the_actor(tmp_path):
+    from ciess_prod.search.exploration import Explorer
+
+    exploration = ExplorationConfig(random_steps=2)
+    config = _tiny(tmp_path, episodes=1, steps_per_episode=4, exploration=exploration, budgets=(0.5,))
+    run_search(config, stop_after_steps=3)
+    history = torch.load(Path(config.output_dir) / STATE_FILE, weights_only=True)["history"]
+    dataset = load_dataset(TINY.data)
+    for i, (side, n) in enumerate((("user", dataset.n_users), ("item", dataset.n_items))):
+        # the side's explorer (seed + 10 i + 1) draws each warm-up step's sizes, nothing else touches them
+        explorer = Explorer(exploration, TINY.model.d_max, n, seed=config.search.seed + 10 * i + 1)
+        for entry in history[:2]:
+            assert entry[f"mean_size_{side}"] == pytest.approx(float(explorer.uniform(n).double().mean()))
+        assert history[2][f"mean_size_{side}"] != pytest.approx(float(explorer.uniform(n).double().mean()))
+    assert run_search(config, resume=True)["finished"]  # the warm-up's draws are in the explorer's saved state
+
+
 def test_walk_ablation_runs(tmp_path):
     config = _tiny(tmp_path, episodes=1, exploration=ExplorationConfig(walk=False), budgets=(0.5,))
     assert run_search(config)["finished"]

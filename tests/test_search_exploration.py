@@ -205,8 +205,18 @@ def test_state_dict_round_trip_continues_identically():
         ("ou_theta", 1.5),
         ("walk_radius", 0),
         ("walk_steps", 0),
+        ("random_steps", -1),
     ],
 )
 def test_config_validation_names_the_field(field: str, value):
     with pytest.raises(ValueError, match=field):
         ExplorationConfig(**{field: value})
+
+
+def test_uniform_sizes_cover_every_size_evenly_and_follow_the_seed():
+    explorer = Explorer(ExplorationConfig(), d_max=8, n_rows=0, seed=3)
+    sizes = explorer.uniform(80_000)
+    assert sizes.dtype == torch.int64 and sizes.shape == (80_000,)
+    counts = torch.bincount(sizes, minlength=9)
+    assert counts[0] == 0 and ((counts[1:] - 10_000).abs() < 500).all()  # 1..8, each about 1/8
+    assert torch.equal(Explorer(ExplorationConfig(), 8, 0, seed=3).uniform(80_000), sizes)

@@ -198,7 +198,10 @@ def run_sharded_search(
         sizes_now = torch.cat([state.sizes[t] for t in order])
         q_now = torch.cat([state.quality[t] for t in order])
         states = build_states(pop, sizes_now, q_now, d_max)
-        chosen = explorer.choose(states, agent.act(states), agent.q_values) if len(states) else sizes_now
+        if state.step < search.exploration.random_steps:
+            chosen = explorer.uniform(len(states))
+        else:
+            chosen = explorer.choose(states, agent.act(states), agent.q_values) if len(states) else sizes_now
         new_sizes = dict(zip(order, torch.split(chosen, [kept.count(t) for t in order]), strict=True))
 
         env.reset_to_reference() if warm else env.reset_fresh()

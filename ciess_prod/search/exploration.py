@@ -41,6 +41,9 @@ class ExplorationConfig:
     walk: bool = True  # random walk on the size graph after the noise (off = the "no walk" ablation) [P]
     walk_radius: int = 5  # t: d links to every d' with 0 < |d - d'| <= t [P]
     walk_steps: int = 5  # steps of the walk; the start and the visited sizes are the candidates [P]
+    # the first random_steps search steps give every row a uniformly random size (TD3's warm-up, CleanRL's
+    # learning_starts): the critic first sees each size's reward on rows chosen at random, not by the actor [I]
+    random_steps: int = 0
 
     def __post_init__(self) -> None:
         if self.noise not in ("gaussian", "ou", "uniform"):
@@ -53,6 +56,8 @@ class ExplorationConfig:
             raise ValueError(f"walk_radius must be >= 1, got {self.walk_radius}")
         if self.walk_steps < 1:
             raise ValueError(f"walk_steps must be >= 1, got {self.walk_steps}")
+        if self.random_steps < 0:
+            raise ValueError(f"random_steps must be >= 0, got {self.random_steps}")
 
 
 class Explorer:
@@ -150,6 +155,10 @@ class Explorer:
                 hi = min(lo + self.chunk_rows, n)
                 path[lo:hi, k] = self._step(path[lo:hi, k - 1], u[lo:hi])
         return path
+
+    def uniform(self, n: int) -> Tensor:
+        """[n] int64 sizes drawn uniformly from 1..d_max (the warm-up steps' action, no actor or critic)."""
+        return torch.randint(1, self.d_max + 1, (n,), generator=self.generator, device=self.device)
 
     def choose(self, states: Tensor, actor_sizes: Tensor, q_fn: QFn) -> Tensor:
         """The full exploration step: [N, S] states, [N] float actor sizes -> [N] int64 executed sizes.

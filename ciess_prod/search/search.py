@@ -288,8 +288,11 @@ def run_search(
         states = {s: build_states(pop_state[s], state.sizes[s], state.quality[s], d_max) for s in SIDES}
         new_sizes = {}
         for s in SIDES:
-            agent = state.agents[s]
-            new_sizes[s] = state.explorers[s].choose(states[s], agent.act(states[s]), agent.q_values)
+            agent, explorer = state.agents[s], state.explorers[s]
+            if state.step < search.exploration.random_steps:
+                new_sizes[s] = explorer.uniform(n_rows[s])
+            else:
+                new_sizes[s] = explorer.choose(states[s], agent.act(states[s]), agent.q_values)
         quality = env.evaluate(new_sizes, step_seed=search.seed * 100_003 + state.step)
         done = step == search.steps_per_episode - 1
         entry: dict[str, float] = {"episode": episode, "step": step, "global_step": state.step}
