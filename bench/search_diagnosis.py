@@ -5,7 +5,9 @@ Per run and side (users, items) it appends one JSON line to bench/results/search
 - the critic's Q at a few sizes for buffer states at full size and at small size (< 8);
 - the actor's mean size and pre-tanh output on those states (|pre-tanh| > 3: saturated, its gradient ~ 0);
 - the mean reward and sparsity per step over stretches of the search (from the history);
-- how many visited configurations meet each budget (what the final retraining can choose from).
+- how many visited configurations meet each budget (what the final retraining can choose from);
+- after a random warm-up (`--random-steps`), reward and q by size over its transitions, where sizes were drawn at
+  random: what a row's own size does to its quality, free of the actor's choices.
 
     python bench/search_diagnosis.py runs/ml1m-search runs/ml1m-search-no-walk [--config configs/ml1m-search.yaml]
 """
@@ -22,6 +24,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench.ml1m_baselines import git_sha  # noqa: E402
+from bench.ml1m_search import with_search_settings  # noqa: E402
 from ciess_prod.config import load_yaml  # noqa: E402
 from ciess_prod.io import append_jsonl  # noqa: E402
 from ciess_prod.models import SIDES  # noqa: E402
@@ -34,15 +37,33 @@ STRETCHES = ((0, 10), (10, 30), (30, 100), (100, 200), (200, 300))  # steps [a, 
 PROBE_ROWS = 2000  # buffer states per probe
 
 
+def mean_by_size(sizes: torch.Tensor, values: torch.Tensor, d_max: int) -> dict[str, float | None]:
+    """Mean of ``values`` [T] per size bucket of ``sizes`` [T] (None where a bucket is empty)."""
+    edges = torch.tensor([*(e for e in SIZE_EDGES if e <= d_max), d_max + 1], dtype=torch.float32)
+    n = len(edges) - 1
+    bucket = torch.bucketize(sizes.contiguous(), edges, right=True) - 1  # [T] bucket [edges[i], edges[i+1])
+    counts = torch.bincount(bucket, minlength=n)[:n]
+    sums = torch.bincount(bucket, weights=values.double(), minlength=n)[:n]
+    return {f"[{lo},{hi})": (round(float(s / n), 4) if n else None)
+            for lo, hi, s, n in zip(edges[:-1].int().tolist(), edges[1:].int().tolist(), sums, counts, strict=True)}
+
+
+def warm_up_response(buffer: torch.Tensor, transitions: int, d_max: int) -> dict:
+    """Reward and q by size over the random warm-up's transitions (the buffer's first ``transitions``): sizes drawn
+    at random, so unlike the whole buffer these show what a row's own size does to its quality, unconfounded."""
+    part = buffer[:transitions]
+    sizes, reward, q = part[:, STATE_DIM], part[:, STATE_DIM + 1], part[:, STATE_DIM + 2 + 2]
+    popular = part[:, 0] >= torch.quantile(part[:, 0], 2 / 3)  # the most popular third of the rows
+    return {"transitions": len(part), "mean_q": round(float(q.double().mean()), 4),
+            "reward_by_size": mean_by_size(sizes, reward, d_max),
+            "q_by_size": mean_by_size(sizes, q, d_max),
+            "q_by_size_popular_third": mean_by_size(sizes[popular], q[popular], d_max)}
+
+
 def diagnose_side(agent: TD3Agent, buffer: torch.Tensor, d_max: int) -> dict:
     """buffer: the replay data [T, 2 * STATE_DIM + 3] (state, size, reward, next_state, done)."""
     states, sizes, reward = buffer[:, :STATE_DIM], buffer[:, STATE_DIM].contiguous(), buffer[:, STATE_DIM + 1]
-    edges = torch.tensor([*SIZE_EDGES, d_max + 1], dtype=torch.float32)
-    bucket = torch.bucketize(sizes, edges, right=True) - 1  # [T] index of the bucket [edges[i], edges[i+1])
-    counts = torch.bincount(bucket, minlength=len(SIZE_EDGES))[: len(SIZE_EDGES)]
-    sums = torch.bincount(bucket, weights=reward.double(), minlength=len(SIZE_EDGES))[: len(SIZE_EDGES)]
-    rewards = {f"[{lo},{hi})": (round(float(s / n), 4) if n else None)
-               for lo, hi, s, n in zip(edges[:-1].int().tolist(), edges[1:].int().tolist(), sums, counts, strict=True)}
+    rewards = mean_by_size(sizes, reward, d_max)
     previous = (states[:, 1] + 1) / 2 * (d_max - 1) + 1  # the state's current size, back in size units
     probe_sizes = torch.tensor([d for d in (1, 4, 16, 32, 64) if d < d_max] + [d_max], dtype=torch.float32)
     probes = {}
@@ -80,10 +101,15 @@ def diagnose(run: Path, config: SearchExperimentConfig) -> list[dict]:
     for side in SIDES:
         agent = TD3Agent(config.search.td3, d_max, seed=0)
         agent.load_state_dict(state["agents"][side])
+        buffer = state["buffers"][side]
         record = {"run": run.name, "side": side, "completed_steps": state["step"],
                   "mean_reward_by_steps": by_stretch, "mean_sparsity_by_steps": sparsity_by_stretch,
-                  "visited_meeting_budget": meeting, **diagnose_side(agent, state["buffers"][side]["data"], d_max),
+                  "visited_meeting_budget": meeting, **diagnose_side(agent, buffer["data"], d_max),
                   "git_sha": git_sha()}
+        warm_up = min(config.search.exploration.random_steps, state["step"]) * len(state["sizes"][side])
+        # every warm-up row is still in the buffer only if no step subsampled rows and it never wrapped
+        if warm_up and config.search.rows_per_step is None and buffer["size"] < buffer["capacity"]:
+            record["warm_up"] = warm_up_response(buffer["data"], warm_up, d_max)
         records.append(record)
     return records
 
@@ -93,8 +119,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("runs", type=Path, nargs="+", help="search output directories")
     parser.add_argument("--config", type=Path, default=ROOT / "configs" / "ml1m-search.yaml")
     parser.add_argument("--results", type=Path, default=RESULTS)
+    parser.add_argument("--random-steps", type=int, metavar="N",
+                        help="the search's random warm-up steps, where the config differs (bench --random-steps)")
     args = parser.parse_args(argv)
     config = load_yaml(SearchExperimentConfig, args.config)
+    if args.random_steps is not None:
+        config = with_search_settings(config, random_steps=args.random_steps)
     for run in args.runs:
         for record in diagnose(run, config):
             append_jsonl(args.results, record)
@@ -105,6 +135,9 @@ def main(argv: list[str] | None = None) -> int:
             print(f"  mean reward by steps {record['mean_reward_by_steps']}")
             print(f"  mean sparsity by steps {record['mean_sparsity_by_steps']}")
             print(f"  visited configurations meeting each budget {record['visited_meeting_budget']}")
+            if "warm_up" in record:
+                print(f"  random warm-up ({record['warm_up']['transitions']} transitions): q by size "
+                      f"{record['warm_up']['q_by_size']}, popular third {record['warm_up']['q_by_size_popular_third']}")
     return 0
 
 

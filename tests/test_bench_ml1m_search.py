@@ -139,6 +139,31 @@ def test_search_diagnosis_reads_a_finished_search(tmp_path, one_torch_thread):
                                                for c in TINY.search.budgets}
 
 
+def test_search_diagnosis_measures_the_random_warm_up(tmp_path, one_torch_thread):
+    from bench.search_diagnosis import main as diagnose
+
+    exploration = dataclasses.replace(TINY.search.exploration, random_steps=2)
+    config = dataclasses.replace(TINY, search=dataclasses.replace(TINY.search, exploration=exploration),
+                                 output_dir=str(tmp_path / "run"))
+    run_search(config, stop_after_steps=3)
+    config_file = tmp_path / "search.yaml"
+    config_file.write_text(yaml.safe_dump(to_dict(TINY)))  # the warm-up comes from the flag, as for the bench's runs
+    results = tmp_path / "diagnosis.jsonl"
+    args = [str(tmp_path / "run"), "--config", str(config_file), "--results", str(results)]
+    assert diagnose([*args, "--random-steps", "2"]) == 0
+    state = torch.load(tmp_path / "run" / STATE_FILE, weights_only=True)
+    history = state["history"]
+    for r in (json.loads(line) for line in results.read_text().splitlines()):
+        warm_up = r["warm_up"]
+        assert warm_up["transitions"] == 2 * len(state["sizes"][r["side"]])  # the first two steps, every row
+        # the same rows' q as the history's per-step means, read from the buffer instead
+        want = (history[0][f"mean_q_{r['side']}"] + history[1][f"mean_q_{r['side']}"]) / 2
+        assert warm_up["mean_q"] == pytest.approx(want, abs=1e-4)
+        assert all(0 <= q <= 1 for q in warm_up["q_by_size"].values() if q is not None)
+    assert diagnose(args + ["--results", str(tmp_path / "plain.jsonl")]) == 0  # no warm-up: nothing to measure
+    assert all("warm_up" not in json.loads(line) for line in (tmp_path / "plain.jsonl").read_text().splitlines())
+
+
 @pytest.mark.parametrize(("flag", "value", "message"), [
     ("--size-penalty", "-1", "--size-penalty must be a number >= 0"),
     ("--size-penalty", "nan", "--size-penalty must be a number >= 0"),
