@@ -82,9 +82,11 @@ def top_k_items(scores: torch.Tensor, k: int) -> torch.Tensor:
 def count_item_hits(
     top: torch.Tensor, targets: sp.csr_matrix, rows: np.ndarray, ks: Sequence[int]
 ) -> dict[int, torch.Tensor]:
-    """Per item, how many of the users ``rows``' targets it is were ranked in their top-k: float64 [n_items] per k.
+    """Per item, in how many of the users ``rows``' top-k lists it is one of that user's targets: float64
+    [n_items] per k.
 
-    ``top`` [B, k_max] are the users' ranked lists (entries >= n_items are padding).
+    ``top`` [B, k_max] are the users' ranked lists (entries >= n_items are padding). Densifies the chunk's targets
+    again, as ``top_k_metrics`` does: one [B, n_items] bool per chunk, small beside the chunk's scores.
     """
     n_items = targets.shape[1]
     relevant = torch.cat([_rows_to_dense(targets, rows), torch.zeros(len(rows), 1, dtype=torch.bool)], dim=1)
