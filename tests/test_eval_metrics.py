@@ -12,6 +12,7 @@ from ciess_prod.eval.metrics import (
     item_hit_quality,
     item_quality,
     rank_users,
+    top_k_hits,
     top_k_items,
     user_quality,
 )
@@ -71,6 +72,13 @@ def test_metrics_match_reference_with_ties_and_empty_users(seed):
         np.testing.assert_allclose(result.ndcg[k].numpy(), ref_n, atol=1e-6)
     assert not result.has_target[empty_users].any()
     assert result.mean()["recall@20"] == pytest.approx(float(np.mean(_reference(scores, test, [train, val], 20)[0])))
+
+
+def test_top_k_hits_looks_up_each_users_own_targets():
+    targets = sp.csr_matrix(np.array([[1, 0, 1, 0], [0, 0, 0, 0], [0, 1, 0, 1]], dtype=np.float32))
+    top = torch.tensor([[3, 2, 4], [0, 2, 4], [1, 0, 3]])  # 4 = padding (no item)
+    hits = top_k_hits(top, targets, np.array([2, 1, 0]))  # list i belongs to user rows[i]
+    assert hits.tolist() == [[True, False, False], [False, False, False], [False, True, False]]
 
 
 def test_top_k_breaks_ties_by_item_index():

@@ -18,7 +18,7 @@ import torch.distributed as dist
 
 from ciess_prod.distributed.environment import all_reduce
 from ciess_prod.distributed.layout import Shard
-from ciess_prod.eval.metrics import RankingResult, top_k_items, top_k_metrics
+from ciess_prod.eval.metrics import RankingResult, top_k_hits, top_k_items, top_k_metrics
 
 
 @dataclass
@@ -79,6 +79,7 @@ def rank_streamed(
                 order = by_item.gather(1, torch.argsort(merged_scores.gather(1, by_item), dim=1, descending=True,
                                                         stable=True))[:, :k]
                 top_scores[part], top_items[part] = merged_scores.gather(1, order), merged_items.gather(1, order)
-    recall, ndcg = top_k_metrics(top_items, targets, users, ks)
-    has_target = torch.from_numpy(np.diff(targets.indptr)[users] > 0)
+    n_targets = torch.from_numpy(np.diff(targets.indptr)[users].astype(np.int64))
+    recall, ndcg = top_k_metrics(top_k_hits(top_items, targets, users), n_targets, ks)
+    has_target = n_targets > 0
     return Ranking(RankingResult(ks, recall, ndcg, has_target), targets.shape[0])

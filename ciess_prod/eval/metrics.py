@@ -79,40 +79,42 @@ def top_k_items(scores: torch.Tensor, k: int) -> torch.Tensor:
     return items.gather(1, order)
 
 
-def count_item_hits(
-    top: torch.Tensor, targets: sp.csr_matrix, rows: np.ndarray, ks: Sequence[int]
-) -> dict[int, torch.Tensor]:
-    """Per item, in how many of the users ``rows``' top-k lists it is one of that user's targets: float64
-    [n_items] per k.
+def top_k_hits(top: torch.Tensor, targets: sp.csr_matrix, rows: np.ndarray) -> torch.Tensor:
+    """Whether each entry of the ranked lists ``top`` [B, k_max] of the users ``rows`` is one of that user's
+    targets: bool [B, k_max]. Entries >= n_items are padding (no item: never a hit).
 
-    ``top`` [B, k_max] are the users' ranked lists (entries >= n_items are padding). Densifies the chunk's targets
-    again, as ``top_k_metrics`` does: one [B, n_items] bool per chunk, small beside the chunk's scores.
+    Looks the (row, item) pairs up among the chunk's target pairs, so memory is O(B x k_max + the chunk's targets)
+    rather than a dense [B, n_items] mask.
     """
-    n_items = targets.shape[1]
-    relevant = torch.cat([_rows_to_dense(targets, rows), torch.zeros(len(rows), 1, dtype=torch.bool)], dim=1)
-    top = top.clamp(max=n_items)
-    hit = relevant.gather(1, top)  # [B, k_max]
+    stride = targets.shape[1] + 1  # one past the padding index, so pairs of different rows never collide
+    chunk = targets[rows]
+    row_of = np.repeat(np.arange(chunk.shape[0], dtype=np.int64), np.diff(chunk.indptr))
+    wanted = torch.from_numpy(row_of * stride + chunk.indices.astype(np.int64))
+    ranked = torch.arange(top.shape[0], dtype=torch.int64).unsqueeze(1) * stride + top.clamp(max=stride - 1)
+    return torch.isin(ranked, wanted)
+
+
+def count_item_hits(top: torch.Tensor, hits: torch.Tensor, n_items: int, ks: Sequence[int]) -> dict[int, torch.Tensor]:
+    """Per item, in how many of the ranked lists ``top`` [B, k_max] it is a hit within the top k (``hits`` from
+    ``top_k_hits``): float64 [n_items] per k."""
     counts = {}
     for k in ks:
         kk = min(k, top.shape[1])
-        counts[k] = torch.bincount(top[:, :kk][hit[:, :kk]], minlength=n_items)[:n_items].to(torch.float64)
+        counts[k] = torch.bincount(top[:, :kk][hits[:, :kk]], minlength=n_items)[:n_items].to(torch.float64)
     return counts
 
 
 def top_k_metrics(
-    top: torch.Tensor, targets: sp.csr_matrix, rows: np.ndarray, ks: Sequence[int]
+    hits: torch.Tensor, n_targets: torch.Tensor, ks: Sequence[int]
 ) -> tuple[dict[int, torch.Tensor], dict[int, torch.Tensor]]:
-    """Recall@k and NDCG@k [B] (float64) of ranked lists ``top`` [B, k_max] of the users ``rows``.
-
-    Entries >= n_items in ``top`` are padding (no item: never a hit). A user without targets scores 0.
+    """Recall@k and NDCG@k [B] (float64) of ranked lists whose hits are ``hits`` [B, k_max] (``top_k_hits``),
+    for users with ``n_targets`` [B] targets each. A user without targets scores 0.
     """
-    n_items = targets.shape[1]
-    k_max = top.shape[1]
+    k_max = hits.shape[1]
     discounts = 1.0 / torch.log2(torch.arange(2, k_max + 2, dtype=torch.float64))
     ideal = torch.cat([torch.zeros(1, dtype=torch.float64), discounts.cumsum(0)])  # ideal[n] = IDCG of n hits
-    relevant = torch.cat([_rows_to_dense(targets, rows), torch.zeros(len(rows), 1, dtype=torch.bool)], dim=1)
-    hits = relevant.gather(1, top.clamp(max=n_items)).to(torch.float64)  # [B, k_max]
-    count = torch.from_numpy(np.diff(targets.indptr)[rows].astype(np.float64))
+    hits = hits.to(torch.float64)
+    count = n_targets.to(torch.float64)
     dcg, found = (hits * discounts).cumsum(1), hits.cumsum(1)
     recall, ndcg = {}, {}
     for k in ks:
@@ -161,8 +163,9 @@ def rank_users(
         for m in exclude:
             scores[_rows_to_dense(m, rows)] = -torch.inf
         top = top_k_items(scores, k_max)
-        chunk_recall, chunk_ndcg = top_k_metrics(top, targets, rows, ks)
-        chunk_hits = count_item_hits(top, targets, rows, ks)
+        hits = top_k_hits(top, targets, rows)
+        chunk_recall, chunk_ndcg = top_k_metrics(hits, n_targets[rows_t], ks)
+        chunk_hits = count_item_hits(top, hits, n_items, ks)
         for k in ks:
             recall[k][rows_t] = chunk_recall[k]
             ndcg[k][rows_t] = chunk_ndcg[k]
