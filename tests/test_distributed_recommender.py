@@ -11,6 +11,8 @@ from searchrun import ROOT, TINY_SEARCH, assert_same_search, run_search
 
 from ciess_prod.experiment import evaluate_checkpoint
 from ciess_prod.search import DimensionPlan
+from ciess_prod.search.exploration import ExplorationConfig, Explorer
+from ciess_prod.search.search import SearchConfig
 
 TINY = {
     "data": {
@@ -72,8 +74,8 @@ def test_plans_have_the_single_process_format_and_their_models_reproduce_the_tes
 @pytest.mark.distributed
 @pytest.mark.parametrize("kind", ["table_wise", "column_wise", "table_row_wise"])
 def test_every_sharding_type_runs_the_search(kind, tmp_path):
-    # step 0 takes uniform sizes: this runs the sharded warm-up path (its draws are checked single-process, since an
-    # untrained actor's sizes have about the same mean here)
+    # step 0 takes uniform sizes: this runs the sharded warm-up path on two ranks (its draws are checked exactly on
+    # one rank below, since an untrained actor's sizes have about the same mean here)
     search = {**TINY["search"], "episodes": 1, "exploration": {"random_steps": 1}}
     out = run(tmp_path, kind, 2, sharding={"default": kind}, search=search, protocol="train_only")
     summary = json.loads((out / "search.json").read_text())
@@ -82,6 +84,20 @@ def test_every_sharding_type_runs_the_search(kind, tmp_path):
         assert plan.fits_budget()
         assert evaluate_checkpoint(out / "models" / f"c{c:.2f}", "test") == pytest.approx(plan.metrics["test"],
                                                                                            abs=1e-9)
+
+
+@pytest.mark.distributed
+def test_the_sharded_warm_up_takes_the_seeded_explorers_uniform_draws(tmp_path):
+    # one process holds every row, in table order, so step 0's sizes are exactly its explorer's draws (seed + 1)
+    search = {**TINY["search"], "episodes": 1, "exploration": {"random_steps": 1}}
+    out = run(tmp_path, "warm-up", 1, script_args=["--sharded"], search=search, protocol="train_only")
+    history = json.loads((out / "history.json").read_text())["history"]
+    d_max, n_rows = TINY["model"]["d_max"], 300 + 200
+    explorer = Explorer(ExplorationConfig(random_steps=1), d_max, n_rows, seed=SearchConfig().seed + 1)
+    drawn = explorer.uniform(n_rows).double().sum().item()
+    assert history[0]["sparsity"] == pytest.approx(1 - drawn / (n_rows * d_max), abs=1e-12)
+    assert history[1]["sparsity"] != pytest.approx(1 - explorer.uniform(n_rows).double().sum().item()
+                                                   / (n_rows * d_max), abs=1e-12)  # step 1: the actor's sizes
 
 
 @pytest.mark.distributed
