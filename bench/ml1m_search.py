@@ -31,6 +31,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench.ml1m_baselines import git_sha, print_row  # noqa: E402
+from ciess_prod.cli import positive_int  # noqa: E402
 from ciess_prod.config import load_yaml  # noqa: E402
 from ciess_prod.data import load_dataset  # noqa: E402
 from ciess_prod.io import append_jsonl  # noqa: E402
@@ -142,6 +143,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--retrain-budgets", type=float, nargs="+", metavar="C",
                         help="searches, with --resume once the steps are done: retrain only these budgets, so that "
                              "one process per group retrains in parallel")
+    parser.add_argument("--retrain-workers", type=positive_int, default=1, metavar="N",
+                        help="searches: retrain the budgets in N processes at once (rows record it, and "
+                             "process_seconds: this process's wall time)")
     parser.add_argument("--budgets", type=float, nargs="+", help="mr/freq: only these budgets (default: the config's)")
     parser.add_argument("--size-penalty", type=float, metavar="LAMBDA",
                         help="searches: this lambda instead of the config's, in <output_dir>-lambda<LAMBDA> (the rows "
@@ -174,7 +178,7 @@ def main(argv: list[str] | None = None) -> int:
             if method == "ciess_fill":
                 reuse_search_state(ROOT / searched.output_dir, Path(config.output_dir))
             summary = run_search(config, base_dir=ROOT, resume=args.resume or method == "ciess_fill",
-                                 retrain_budgets=args.retrain_budgets)
+                                 retrain_budgets=args.retrain_budgets, retrain_workers=args.retrain_workers)
             if not summary["finished"]:  # the process retraining the last pending budget writes the rows
                 print(f"{method}: budgets {summary['pending_budgets']} are left to other processes")
                 continue
@@ -185,7 +189,8 @@ def main(argv: list[str] | None = None) -> int:
                              retrain_seconds=seconds(summary["retrain_seconds"]), repaired=plan.repaired,
                              size_penalty=config.search.size_penalty, gamma=config.search.td3.gamma,
                              item_quality=config.search.environment.item_quality,
-                             random_steps=config.search.exploration.random_steps)
+                             random_steps=config.search.exploration.random_steps,
+                             retrain_workers=args.retrain_workers, process_seconds=seconds(summary["process_seconds"]))
                 append_jsonl(args.results, record)
                 print_row(record)
             continue

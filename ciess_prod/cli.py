@@ -12,6 +12,17 @@ from pathlib import Path
 from ciess_prod.config import ConfigError, load_yaml, read_yaml_mapping
 
 
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}")
+    return value
+
+
 def _cmd_data_fetch(args: argparse.Namespace) -> int:
     from ciess_prod.data import fetch_dataset
 
@@ -56,7 +67,7 @@ def _cmd_search(args: argparse.Namespace) -> int:
     if args.output_dir:
         config = dataclasses.replace(config, output_dir=args.output_dir)
     summary = run_search(config, base_dir=Path(args.config).resolve().parent.parent, resume=args.resume,
-                         retrain_budgets=args.retrain_budgets)
+                         retrain_budgets=args.retrain_budgets, retrain_workers=args.retrain_workers)
     if not summary["finished"]:
         print(f"budgets still to retrain (by other processes): {summary['pending_budgets']}")
         return 0
@@ -121,6 +132,8 @@ def build_parser() -> argparse.ArgumentParser:
     search.add_argument("--retrain-budgets", type=float, nargs="+", metavar="C",
                         help="with --resume on a finished search: retrain only these budgets (run one process per "
                              "group to retrain in parallel; the last one to finish writes the report)")
+    search.add_argument("--retrain-workers", type=positive_int, default=1, metavar="N",
+                        help="retrain the budgets in N processes at once, sharing this one's threads (default 1)")
     search.set_defaults(func=_cmd_search)
 
     evaluate = sub.add_parser("evaluate", help="score a checkpoint on the validation or test split")

@@ -172,6 +172,7 @@ def test_search_diagnosis_measures_the_random_warm_up(tmp_path, one_torch_thread
     ("--gamma", "nan", "--gamma must lie in [0, 1]"),
     ("--item-quality", "rank", "invalid choice: 'rank'"),
     ("--random-steps", "-1", "--random-steps must be >= 0"),
+    ("--retrain-workers", "0", "expected an integer >= 1"),
 ])
 def test_a_bad_lambda_or_gamma_is_refused_before_any_work(flag, value, message, capsys):
     from bench.ml1m_search import main
@@ -179,3 +180,19 @@ def test_a_bad_lambda_or_gamma_is_refused_before_any_work(flag, value, message, 
     with pytest.raises(SystemExit):
         main(["--methods", "ciess", flag, value])
     assert message in capsys.readouterr().err
+
+
+def test_the_bench_retrains_budgets_in_workers_and_records_it(tmp_path, one_torch_thread):
+    from bench.ml1m_search import main
+
+    config = dataclasses.replace(TINY, output_dir=str(tmp_path / "run"))
+    path = tmp_path / "search.yaml"
+    path.write_text(yaml.safe_dump(to_dict(config)))
+    results = tmp_path / "ml1m.jsonl"
+    assert main(["--config", str(path), "--methods", "ciess", "--results", str(results), "--retrain-workers", "2"]) == 0
+    rows = [json.loads(line) for line in results.read_text().splitlines()]
+    assert [r["target_sparsity"] for r in rows] == list(config.search.budgets)
+    for r in rows:
+        plan = DimensionPlan.load(tmp_path / "run" / "plans" / f"c{r['target_sparsity']:.2f}")
+        assert r["recall@20"] == plan.metrics["test"]["recall@20"] and r["retrain_workers"] == 2
+        assert 0 < r["retrain_seconds"] and 0 < r["process_seconds"]

@@ -298,6 +298,42 @@ def test_budgets_retrained_by_separate_processes(tmp_path, finished_search):
         assert a.metrics["test"] == b.metrics["test"]
 
 
+def test_budgets_retrained_by_worker_processes(tmp_path, finished_search):
+    """retrain_workers spawns processes that retrain the budgets at once and give the plans one process gives."""
+    import shutil
+
+    config, _ = finished_search
+    parallel = dataclasses.replace(config, output_dir=str(tmp_path / "workers"))
+    shutil.copytree(Path(config.output_dir) / "reference", Path(parallel.output_dir) / "reference")
+    shutil.copyfile(Path(config.output_dir) / STATE_FILE, Path(parallel.output_dir) / STATE_FILE)
+    summary = run_search(parallel, resume=True, retrain_workers=2)
+    assert summary["finished"] and set(summary["plans"]) == {f"{c:.2f}" for c in config.search.budgets}
+    for c in config.search.budgets:
+        a = DimensionPlan.load(Path(config.output_dir) / "plans" / f"c{c:.2f}")
+        b = DimensionPlan.load(Path(parallel.output_dir) / "plans" / f"c{c:.2f}")
+        assert all(torch.equal(a.sizes[s], b.sizes[s]) for s in a.sizes)
+        assert b.metrics["test"] == pytest.approx(a.metrics["test"], abs=1e-9)
+    assert (Path(parallel.output_dir) / "report").is_dir()
+    with pytest.raises(ValueError, match="retrain_workers must be >= 1"):
+        run_search(parallel, resume=True, retrain_workers=0)
+
+
+def test_a_failed_worker_names_its_budget(tmp_path, finished_search):
+    """A worker's error reaches the caller with its budget; a budget whose worker succeeded keeps its plan."""
+    import shutil
+
+    config, _ = finished_search
+    broken = dataclasses.replace(config, output_dir=str(tmp_path / "broken"))
+    shutil.copytree(Path(config.output_dir) / "reference", Path(broken.output_dir) / "reference")
+    state = torch.load(Path(config.output_dir) / STATE_FILE, weights_only=True)
+    state["record"]["best"]["0.80"] = []  # no candidate and ...
+    state["record"]["sparsest"] = None  # ... nothing to repair from: c = 0.80 (and 0.93, repaired) cannot be chosen
+    torch.save(state, Path(broken.output_dir) / STATE_FILE)
+    with pytest.raises(RuntimeError, match=r"budgets \[0.8, 0.93\]: c=0.8: RuntimeError\('the search visited no"):
+        run_search(broken, resume=True, retrain_workers=2)
+    assert DimensionPlan.load(Path(broken.output_dir) / "plans" / "c0.50").fits_budget()
+
+
 def test_retrain_budgets_refuses_what_it_cannot_do(tmp_path, finished_search):
     config, _ = finished_search
     with pytest.raises(ValueError, match="unknown: \\[0.7\\]"):
@@ -326,6 +362,9 @@ def test_cli_retrains_budgets_in_groups(tmp_path, finished_search, capsys):
     assert main(["search", "--config", str(path), "--resume", "--retrain-budgets", "0.8"]) == 0
     out = capsys.readouterr().out
     assert "c=0.50" in out and "c=0.80" in out and "c=0.93" in out
+    with pytest.raises(SystemExit):
+        main(["search", "--config", str(path), "--resume", "--retrain-workers", "0"])
+    assert "--retrain-workers: expected an integer >= 1, got '0'" in capsys.readouterr().err
 
 
 def test_a_state_saved_before_timing_reports_unknown_seconds(tmp_path, finished_search):

@@ -14,9 +14,11 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+import multiprocessing
 import os
 import time
 from collections.abc import Sequence
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -229,6 +231,7 @@ def run_search(
     resume: bool = False,
     stop_after_steps: int | None = None,
     retrain_budgets: Sequence[float] | None = None,
+    retrain_workers: int = 1,
 ) -> dict[str, Any]:
     """Runs (or resumes) the search and the final retraining; returns the summary written to search.json.
 
@@ -236,8 +239,12 @@ def run_search(
     ``retrain_budgets`` (with ``resume``, on a finished search) chooses only those budgets' plans in this process, so
     that separate processes retrain one search's budgets in parallel; the process that completes the last plan
     writes the report and search.json, the others return ``{"finished": False, "pending_budgets": [...]}``.
+    ``retrain_workers`` > 1 retrains this process's budgets in that many worker processes at once, each with an
+    equal share of this process's threads (the steps are sequential, the budgets' retrainings are not).
     """
     search, d_max = config.search, config.model.d_max
+    if retrain_workers < 1:
+        raise ValueError(f"retrain_workers must be >= 1, got {retrain_workers}")
     if retrain_budgets is not None:
         unknown = sorted(set(retrain_budgets) - set(search.budgets))
         if unknown or not resume:
@@ -329,15 +336,15 @@ def run_search(
             return {"completed_steps": state.step, "finished": False}
     bar.close()
 
-    plans = {}
-    for c in search.budgets:  # each plan is saved when chosen, so a resumed run skips finished budgets
-        path, model_path = budget_dirs(out, c)
-        plans[c] = finished_plan(path, model_path, config, dataset) if resume else None
-        if plans[c] is None and (retrain_budgets is None or c in retrain_budgets):
-            plans[c], model = choose_plan(config, dataset, state.record, c, candidate_fits(config, dataset, out))
-            save_checkpoint(model_path, model, model_meta(config, plans[c]))  # first: a saved plan implies its model
-            plans[c].save(path)
-    for c in search.budgets:  # another process may have finished its budgets meanwhile
+    # each plan is saved when chosen, so a resumed run skips finished budgets
+    plans = {c: finished_plan(*budget_dirs(out, c), config, dataset) if resume else None for c in search.budgets}
+    mine = [c for c, plan in plans.items() if plan is None and (retrain_budgets is None or c in retrain_budgets)]
+    if retrain_workers > 1 and len(mine) > 1:
+        retrain_in_workers(config, base_dir, mine, retrain_workers)
+    else:
+        for c in mine:
+            plans[c] = retrain_budget(config, dataset, state.record, c)
+    for c in search.budgets:  # workers, or other processes, may have finished budgets meanwhile
         plans[c] = plans[c] or finished_plan(*budget_dirs(out, c), config, dataset)
     pending = [c for c, plan in plans.items() if plan is None]
     if pending:
@@ -364,6 +371,47 @@ def run_search(
     }
     write_json_atomic(out / "search.json", summary)
     return summary
+
+
+def retrain_budget(
+    config: SearchExperimentConfig, dataset: RecDataset, record: ConfigurationRecord, c: float
+) -> DimensionPlan:
+    """Chooses and saves budget c's plan and the model it was tested with (the model first: a saved plan implies
+    its model)."""
+    out = Path(config.output_dir)
+    path, model_path = budget_dirs(out, c)
+    plan, model = choose_plan(config, dataset, record, c, candidate_fits(config, dataset, out))
+    save_checkpoint(model_path, model, model_meta(config, plan))
+    plan.save(path)
+    return plan
+
+
+def _retrain_worker(config: SearchExperimentConfig, base_dir: Path | None, c: float, threads: int, log_level: int):
+    """One budget's retraining in a spawned process, from the finished search's saved record."""
+    torch.set_num_threads(threads)
+    logging.basicConfig(level=log_level, format=f"%(asctime)s %(levelname)s [c={c:.2f}] %(message)s")
+    search = config.search
+    record = ConfigurationRecord(tuple(search.budgets), search.top_l)
+    record.load_state_dict(torch.load(Path(config.output_dir) / STATE_FILE, weights_only=True)["record"])
+    retrain_budget(config, load_dataset(config.data, base_dir), record, c)
+
+
+def retrain_in_workers(
+    config: SearchExperimentConfig, base_dir: Path | None, budgets: Sequence[float], workers: int
+) -> None:
+    """Retrains ``budgets`` in up to ``workers`` spawned processes sharing this process's threads; a worker's
+    failure is raised here, after the others have finished (their plans stay saved)."""
+    workers = min(workers, len(budgets))
+    threads = max(1, torch.get_num_threads() // workers)
+    log.info("retraining budgets %s in %d processes of %d thread(s) each", list(budgets), workers, threads)
+    context = multiprocessing.get_context("spawn")  # no fork of a process holding torch's thread pools
+    with ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool:
+        jobs = {c: pool.submit(_retrain_worker, config, base_dir, c, threads, logging.getLogger().getEffectiveLevel())
+                for c in budgets}
+        failed = {c: job.exception() for c, job in jobs.items() if job.exception() is not None}
+    if failed:
+        raise RuntimeError(f"retraining failed for budgets {sorted(failed)}: "
+                           + "; ".join(f"c={c}: {error!r}" for c, error in sorted(failed.items())))
 
 
 def candidate_fits(config: SearchExperimentConfig, dataset: RecDataset, out: Path) -> CandidateFits:
