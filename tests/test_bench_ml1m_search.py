@@ -12,6 +12,7 @@ import yaml
 from bench import summarize
 from bench.ml1m_search import STATE_FILE, reuse_search_state, variant, with_search_settings
 from ciess_prod.config import to_dict
+from ciess_prod.experiment import load_dataset
 from ciess_prod.search import DimensionPlan
 from ciess_prod.search.environment import SizeEnvironment
 from ciess_prod.search.search import run_search
@@ -196,3 +197,40 @@ def test_the_bench_retrains_budgets_in_workers_and_records_it(tmp_path, one_torc
         plan = DimensionPlan.load(tmp_path / "run" / "plans" / f"c{r['target_sparsity']:.2f}")
         assert r["recall@20"] == plan.metrics["test"]["recall@20"] and r["retrain_workers"] == 2
         assert 0 < r["retrain_seconds"] and 0 < r["process_seconds"]
+
+
+def test_own_size_response_buckets_each_rows_quality_by_its_own_size():
+    from bench.own_size_response import side_response
+
+    sizes = torch.tensor([1.0, 2.0, 5.0, 20.0, 40.0, 100.0, 128.0])
+    q = sizes / 128
+    popularity = torch.tensor([1, 1, 1, 1, 5, 9, 9])
+    response = side_response(sizes, q, 2 * q, popularity, 128)
+    assert response["rows"] == 7 and response["mean_q"] == pytest.approx(float(q.mean()), abs=1e-4)
+    assert response["q_by_size"] == {"[1,4)": round(1.5 / 128, 4), "[4,8)": round(5 / 128, 4), "[8,16)": None,
+                                     "[16,32)": round(20 / 128, 4), "[32,64)": round(40 / 128, 4),
+                                     "[64,129)": round(114 / 128, 4)}
+    assert response["raw_by_size"]["[64,129)"] == round(228 / 128, 4)
+    # popularity's 2/3 quantile is 5: the rows of sizes 40, 100 and 128
+    assert response["q_by_size_popular_third"] == {"[1,4)": None, "[4,8)": None, "[8,16)": None, "[16,32)": None,
+                                                   "[32,64)": round(40 / 128, 4), "[64,129)": round(114 / 128, 4)}
+
+
+@pytest.mark.parametrize("protocol", ["warm", "paper"])
+def test_own_size_response_runs_either_protocol(tmp_path, protocol, one_torch_thread):
+    from bench.own_size_response import main
+
+    config = dataclasses.replace(TINY, output_dir=str(tmp_path / "run"))
+    path = tmp_path / "search.yaml"
+    path.write_text(yaml.safe_dump(to_dict(config)))
+    results = tmp_path / "own_size.jsonl"
+    args = ["--config", str(path), "--protocol", protocol, "--batches", "3", "--draws", "2", "--item-quality", "hits"]
+    assert main([*args, "--results", str(results)]) == 0
+    rows = [json.loads(line) for line in results.read_text().splitlines()]
+    assert [r["side"] for r in rows] == ["user", "item"]
+    dataset = load_dataset(config.data)
+    for r, n in zip(rows, (dataset.n_users, dataset.n_items), strict=True):
+        assert (r["protocol"], r["batches"], r["item_quality"], r["draws"]) == (protocol, 3, "hits", 2)
+        assert r["rows"] == 2 * n and 0 <= r["mean_q"] <= 1
+        assert all(v is None or 0 <= v <= 1 for v in r["q_by_size"].values())
+    assert (tmp_path / "run" / "reference" / "checkpoint.json").is_file()  # trained once, then reused
