@@ -3,11 +3,11 @@
 Appends to bench/results/ml1m.jsonl one row per budget and method, with the same keys as
 bench/ml1m_baselines.py plus `search_seconds`, `retrain_seconds` (summed over resumed runs; `wall_seconds` is their sum)
 and `peak_rss_mb`. Methods: `ciess`, `ciess_no_walk`, `mr`, `freq`, and `ciess_fill` (the finished `ciess` search
-retrained with `search.fill_budget`); `--size-penalty`, `--gamma`, `--item-quality` and `--random-steps` run them at
-another lambda, TD3 discount, eval(item) or random warm-up (rows record them as `size_penalty`, `gamma`,
-`item_quality` and `random_steps`). Every row is tested under
-the same protocol as the `es` rows (configs/ml1m-search.yaml: `final`). Takes hours on 2 cores: run it in the
-background with a log.
+retrained with `search.fill_budget`); `--size-penalty`, `--gamma`, `--item-quality`, `--random-steps` and
+`--reference-basis` run them at another lambda, TD3 discount, eval(item), random warm-up or warm reference basis
+(rows record them as `size_penalty`, `gamma`, `item_quality`, `random_steps` and `reference_basis`). Every row is
+tested under the same protocol as the `es` rows (configs/ml1m-search.yaml: `final`). Takes hours on 2 cores: run
+it in the background with a log.
 
     OMP_NUM_THREADS=1 python bench/ml1m_search.py > ml1m_search.log 2>&1 &
 """
@@ -88,10 +88,11 @@ def shared_reference(base: SearchExperimentConfig) -> str:
 
 
 def with_search_settings(base: SearchExperimentConfig, size_penalty: float | None = None, gamma: float | None = None,
-                         item_quality: str | None = None, random_steps: int | None = None) -> SearchExperimentConfig:
-    """The config's search at another lambda, TD3 discount, item quality signal or number of random warm-up steps,
-    in its own output directory (``<output_dir>-lambda2-gamma0-items-hits-random20``; its variants get their suffix
-    after it)."""
+                         item_quality: str | None = None, random_steps: int | None = None,
+                         reference_basis: str | None = None) -> SearchExperimentConfig:
+    """The config's search at another lambda, TD3 discount, item quality signal, number of random warm-up steps or
+    reference basis, in its own output directory (``<output_dir>-lambda2-gamma0-items-hits-random20-principal``;
+    its variants get their suffix after it)."""
     search, suffix = base.search, ""
     if size_penalty is not None and size_penalty != search.size_penalty:
         search, suffix = dataclasses.replace(search, size_penalty=size_penalty), f"{suffix}-lambda{size_penalty:g}"
@@ -104,6 +105,9 @@ def with_search_settings(base: SearchExperimentConfig, size_penalty: float | Non
     if random_steps is not None and random_steps != search.exploration.random_steps:
         exploration = dataclasses.replace(search.exploration, random_steps=random_steps)
         search, suffix = dataclasses.replace(search, exploration=exploration), f"{suffix}-random{random_steps}"
+    if reference_basis is not None and reference_basis != search.environment.reference_basis:
+        environment = dataclasses.replace(search.environment, reference_basis=reference_basis)
+        search, suffix = dataclasses.replace(search, environment=environment), f"{suffix}-{reference_basis}"
     if not suffix:
         return base
     return dataclasses.replace(base, search=search, output_dir=base.output_dir + suffix,
@@ -143,6 +147,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--retrain-budgets", type=float, nargs="+", metavar="C",
                         help="searches, with --resume once the steps are done: retrain only these budgets, so that "
                              "one process per group retrains in parallel")
+    parser.add_argument("--reference-basis", choices=["trained", "principal"],
+                        help="searches: this warm reference basis instead of the config's, in <output_dir>-principal "
+                             "(the rows record it as reference_basis)")
     parser.add_argument("--retrain-workers", type=positive_int, default=1, metavar="N",
                         help="searches: retrain the budgets in N processes at once (rows record it, and "
                              "process_seconds: this process's wall time)")
@@ -168,7 +175,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--gamma must lie in [0, 1], got {args.gamma}")
     if args.random_steps is not None and args.random_steps < 0:
         parser.error(f"--random-steps must be >= 0, got {args.random_steps}")
-    searched = with_search_settings(base, args.size_penalty, args.gamma, args.item_quality, args.random_steps)
+    searched = with_search_settings(base, args.size_penalty, args.gamma, args.item_quality, args.random_steps,
+                                    args.reference_basis)
     dataset = load_dataset(base.data, ROOT)
 
     for method in args.methods:
@@ -190,6 +198,7 @@ def main(argv: list[str] | None = None) -> int:
                              size_penalty=config.search.size_penalty, gamma=config.search.td3.gamma,
                              item_quality=config.search.environment.item_quality,
                              random_steps=config.search.exploration.random_steps,
+                             reference_basis=config.search.environment.reference_basis,
                              retrain_workers=args.retrain_workers, process_seconds=seconds(summary["process_seconds"]))
                 append_jsonl(args.results, record)
                 print_row(record)

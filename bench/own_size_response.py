@@ -71,7 +71,8 @@ def measure(config: SearchExperimentConfig, draws: int, seed: int, base_dir: Pat
     for s in SIDES:
         sizes, q, raw = (torch.cat(seen[s][k]) for k in ("sizes", "q", "raw"))
         records.append({"side": s, "protocol": environment.protocol, "batches": environment.batches,
-                        "item_quality": environment.item_quality, "draws": draws, "seed": seed,
+                        "item_quality": environment.item_quality, "reference_basis": environment.reference_basis,
+                        "draws": draws, "seed": seed,
                         **side_response(sizes, q, raw, popularity[s].repeat(draws), d_max),
                         "seconds": round(time.perf_counter() - started, 1), "git_sha": git_sha()})
     return records
@@ -83,6 +84,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--protocol", choices=["warm", "paper"], required=True)
     parser.add_argument("--batches", type=positive_int, help="training batches per draw (default: the config's)")
     parser.add_argument("--item-quality", choices=["users", "hits"], help="eval(item) (default: the config's)")
+    parser.add_argument("--reference-basis", choices=["trained", "principal"],
+                        help="warm: the reference's basis (default: the config's)")
     parser.add_argument("--draws", type=positive_int, default=1, help="random configurations to train at")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--results", type=Path, default=RESULTS)
@@ -91,12 +94,13 @@ def main(argv: list[str] | None = None) -> int:
     environment = config.search.environment
     environment = dataclasses.replace(environment, protocol=args.protocol,
                                       batches=args.batches or environment.batches,
-                                      item_quality=args.item_quality or environment.item_quality)
+                                      item_quality=args.item_quality or environment.item_quality,
+                                      reference_basis=args.reference_basis or environment.reference_basis)
     config = dataclasses.replace(config, search=dataclasses.replace(config.search, environment=environment))
     for record in measure(config, args.draws, args.seed, ROOT):
         append_jsonl(args.results, record)
-        print(f"{record['side']} ({record['protocol']}, {record['batches']} batches, {record['rows']} rows): "
-              f"mean q {record['mean_q']}")
+        print(f"{record['side']} ({record['protocol']}, {record['reference_basis']} basis, "
+              f"{record['batches']} batches, {record['rows']} rows): mean q {record['mean_q']}")
         print(f"  q by own size {record['q_by_size']}")
         print(f"  popular third {record['q_by_size_popular_third']}")
     return 0

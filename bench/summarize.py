@@ -65,8 +65,9 @@ SIZE_METHODS = ("es", "mr", "freq", "ciess", "ciess_no_walk", "ciess_fill")
 
 
 def method_label(r: dict) -> str:
-    """The method, with its lambda, TD3 discount, item quality signal and random warm-up where a search ran at
-    other than the defaults (``--size-penalty``, ``--gamma``, ``--item-quality``, ``--random-steps``)."""
+    """The method, with its lambda, TD3 discount, item quality signal, random warm-up and reference basis where a
+    search ran at other than the defaults (``--size-penalty``, ``--gamma``, ``--item-quality``, ``--random-steps``,
+    ``--reference-basis``)."""
     label = r["method"]
     if r.get("size_penalty") not in (None, DEFAULT_SIZE_PENALTY):
         label += f" λ={r['size_penalty']:g}"
@@ -76,6 +77,8 @@ def method_label(r: dict) -> str:
         label += f" items={r['item_quality']}"
     if r.get("random_steps"):
         label += f" random={r['random_steps']}"
+    if r.get("reference_basis") not in (None, "trained"):
+        label += f" basis={r['reference_basis']}"
     return label
 
 

@@ -51,6 +51,11 @@ def test_another_lambda_or_gamma_searches_in_its_own_directory_with_the_shared_r
     warm_up = with_search_settings(base, 2.0, item_quality="hits", random_steps=20)
     assert warm_up.output_dir == "/data/run-lambda2-items-hits-random20"
     assert warm_up.search.exploration.random_steps == 20 and warm_up.search.exploration.walk
+    principal = with_search_settings(base, 2.0, item_quality="hits", reference_basis="principal")
+    assert principal.output_dir == "/data/run-lambda2-items-hits-principal"
+    assert principal.search.environment.reference_basis == "principal" and principal.search.environment.protocol == \
+        base.search.environment.protocol
+    assert with_search_settings(base, reference_basis="trained") is base
 
 
 def test_reuse_refuses_an_unfinished_search(tmp_path):
@@ -103,18 +108,23 @@ def test_compare_table_takes_the_latest_epoch_row_per_method_and_budget(monkeypa
             {**row("ciess", 0.95, 0.1, 0.95), "size_penalty": 2.0, "gamma": 0.99, "item_quality": "hits",
              "random_steps": 0},
             {**row("ciess", 0.95, 0.12, 0.96), "size_penalty": 2.0, "item_quality": "hits", "random_steps": 20},
+            {**row("ciess", 0.95, 0.11, 0.95), "reference_basis": "trained"},
+            {**row("ciess", 0.9, 0.14, 0.9), "reference_basis": "principal"},
             row("full", 0.0, 0.5, 0.0), row("es", 0.8, 0.9, 0.8, model="ngcf")]
     monkeypatch.setattr(summarize, "read", lambda name: rows)
     summarize.ml1m_compare_table()
     lines = capsys.readouterr().out.splitlines()
     # the default settings' rows stay `ciess`
-    labels = ["es", "ciess", "ciess λ=2", "ciess λ=2 items=hits", "ciess λ=2 items=hits random=20", "ciess λ=2 γ=0"]
+    labels = ["es", "ciess", "ciess basis=principal", "ciess λ=2", "ciess λ=2 items=hits",
+              "ciess λ=2 items=hits random=20", "ciess λ=2 γ=0"]
     assert lines[0] == "| c | " + " | ".join(labels) + " |"
-    assert lines[2] == "| 0.8 | 0.2000 / 0.4000 (0.805) | - | - | - | - | 0.3000 / 0.6000 (0.820) |"
-    assert lines[3] == "| 0.9 | - | 0.0500 / 0.1000 (0.950) | 0.2500 / 0.5000 (0.910) | - | - | - |"
-    assert lines[4] == "| 0.95 | - | - | - | 0.1000 / 0.2000 (0.950) | 0.1200 / 0.2400 (0.960) | - |"
+    assert lines[2] == "| 0.8 | 0.2000 / 0.4000 (0.805) | - | - | - | - | - | 0.3000 / 0.6000 (0.820) |"
+    assert lines[3] == "| 0.9 | - | 0.0500 / 0.1000 (0.950) | 0.1400 / 0.2800 (0.900) | 0.2500 / 0.5000 (0.910) | - | - " \
+                       "| - |"
+    assert lines[4] == "| 0.95 | - | 0.1100 / 0.2200 (0.950) | - | - | 0.1000 / 0.2000 (0.950) | 0.1200 / 0.2400 " \
+                       "(0.960) | - |"
     # the shown rows' code, not the replaced ones'
-    assert lines[5] == "| git | aaaaaaa | aaaaaaa | aaaaaaa | aaaaaaa | aaaaaaa | aaaaaaa |"
+    assert lines[5] == "| git | aaaaaaa | aaaaaaa | aaaaaaa | aaaaaaa | aaaaaaa | aaaaaaa | aaaaaaa |"
     assert len(lines) == 6
 
 
@@ -231,6 +241,7 @@ def test_own_size_response_runs_either_protocol(tmp_path, protocol, one_torch_th
     dataset = load_dataset(config.data)
     for r, n in zip(rows, (dataset.n_users, dataset.n_items), strict=True):
         assert (r["protocol"], r["batches"], r["item_quality"], r["draws"]) == (protocol, 3, "hits", 2)
+        assert r["reference_basis"] == "trained"
         assert r["rows"] == 2 * n and 0 <= r["mean_q"] <= 1
         assert all(v is None or 0 <= v <= 1 for v in r["q_by_size"].values())
     assert (tmp_path / "run" / "reference" / "checkpoint.json").is_file()  # trained once, then reused

@@ -133,3 +133,40 @@ def test_memory_accounting_and_sparsity():
     assert memory.sparsity == pytest.approx(0.75)
     assert sparsity([torch.tensor([1, 3]), torch.tensor([4])], d_max=4) == pytest.approx(1 - 8 / 12)
     assert int(uniform_sizes(5, 128, 0.95)[0]) == 6
+
+
+def _full_model(kind: str):
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(kind=kind, d_max=D, mlp_layers=(32, 16)), N_USERS, N_ITEMS, _train_matrix())
+    with torch.no_grad():  # anisotropic columns, so the principal order differs from the stored one
+        for name in model.tables:
+            model.table_weight(name).mul_(torch.linspace(0.2, 2.0, D))
+    return model
+
+
+@pytest.mark.parametrize("kind", ["mf", "lightgcn"])
+def test_the_principal_basis_keeps_scores_and_loss_and_orders_columns_by_use(kind):
+    from ciess_prod.models.basis import rotate_to_principal_basis
+
+    model = _full_model(kind)
+    before = _outputs(model, _batch(0))
+    rotation = rotate_to_principal_basis(model)
+    assert torch.allclose(rotation.T @ rotation, torch.eye(D, dtype=torch.float64), atol=1e-10)
+    for a, b in zip(before, _outputs(model, _batch(0)), strict=True):
+        torch.testing.assert_close(b, a, atol=1e-4, rtol=1e-4)
+    with torch.no_grad():
+        scored = model.final_embeddings() if kind == "lightgcn" else torch.cat([model.table_weight(n) for n in
+                                                                                  model.tables])
+    energy = scored.double().pow(2).sum(0)
+    assert bool((energy[:-1] >= energy[1:] - 1e-9).all())  # column j carries the j-th most
+    assert energy[0] > 2 * energy[-1]
+
+
+def test_the_principal_basis_refuses_what_it_cannot_rotate():
+    from ciess_prod.models.basis import rotate_to_principal_basis
+
+    for kind in ("ngcf", "neumf"):
+        with pytest.raises(ValueError, match="only for MF and LightGCN"):
+            rotate_to_principal_basis(_full_model(kind))
+    with pytest.raises(ValueError, match="rotate the full-size model"):
+        rotate_to_principal_basis(_model("lightgcn"))

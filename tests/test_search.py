@@ -230,6 +230,26 @@ def test_item_quality_hits_credits_an_items_own_size():
         EnvironmentConfig(item_quality="rank")
 
 
+def test_a_principal_reference_basis_keeps_the_reference_and_more_of_it_when_cut():
+    dataset = load_dataset(TINY.data)
+    reference = build_model(TINY.model, dataset.n_users, dataset.n_items, dataset.train)
+    fit(reference, dataset, TINY.train)
+    as_trained = reference.table_weight("user").detach().clone()
+    config = EnvironmentConfig(batches=1, lr=1e-9, item_quality="hits")  # a fine-tune that changes nothing
+    trained = SizeEnvironment(dataset, TINY.model, TINY.train, config, reference)
+    principal = SizeEnvironment(dataset, TINY.model, TINY.train,
+                                dataclasses.replace(config, reference_basis="principal"), reference)
+    for side in ("user", "item"):  # same scores, so the same full-size quality
+        torch.testing.assert_close(principal.reference_quality[side], trained.reference_quality[side], atol=1e-6,
+                                   rtol=0)
+    cut = {"user": torch.full((dataset.n_users,), 3), "item": torch.full((dataset.n_items,), 3)}
+    # the data has 4 latent factors: the first 3 principal columns keep most of them, 3 trained columns do not
+    assert principal.evaluate(cut, step_seed=0).mean_ratio > trained.evaluate(cut, step_seed=0).mean_ratio + 0.1
+    assert torch.equal(reference.table_weight("user"), as_trained)  # the caller's reference is not rotated
+    with pytest.raises(ValueError, match="reference_basis"):
+        EnvironmentConfig(reference_basis="pca")
+
+
 def test_random_warm_up_steps_size_rows_uniformly_then_hand_over_to_the_actor(tmp_path):
     from ciess_prod.search.exploration import Explorer
 

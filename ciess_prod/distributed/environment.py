@@ -40,6 +40,8 @@ def refuse_unsupported(search: SearchConfig) -> None:
     if search.environment.item_quality != "users":
         raise ValueError("search.environment.item_quality 'hits' is not supported by the sharded search (the "
                          "sharded ranking does not count item hits)")
+    if search.environment.reference_basis != "trained":
+        raise ValueError("search.environment.reference_basis 'principal' is not supported by the sharded search")
 
 
 def process_device() -> torch.device:

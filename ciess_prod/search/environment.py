@@ -5,7 +5,9 @@ trained full-size reference for a few batches; ``paper``: trains a freshly initi
 budget, as in the paper), ranks the validation split, and returns each row's quality ratio
 q_n = min(eval(n | sizes) / eval(n | full size), 1) (digest section 2). A row whose reference quality is 0
 (no validation hit at full size) gets q_n = 1: nothing can be lost there. eval(item) is the paper's mean eval(u)
-over the item's training users, or (``item_quality: hits``) the item's own validation hit rate.
+over the item's training users, or (``item_quality: hits``) the item's own validation hit rate. Under ``warm``
+with ``reference_basis: principal`` the reference is first rotated into its principal basis (models/basis.py), so
+that a row cut to d columns keeps its d most used directions rather than arbitrary ones.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import torch
 from ciess_prod.data import RecDataset
 from ciess_prod.eval.metrics import item_hit_quality, item_quality, user_quality
 from ciess_prod.models import SIDES, ModelConfig, Recommender, build_model
+from ciess_prod.models.basis import rotate_to_principal_basis
 from ciess_prod.train.trainer import TrainConfig, evaluate, fit
 
 
@@ -30,6 +33,9 @@ class EnvironmentConfig:
     # eval(item): users = mean eval(u) over its training users [P]; hits = its own validation items' hit rate in
     # their users' top-k, which moves with the item's own size
     item_quality: Literal["users", "hits"] = "users"
+    # warm starts from the reference's leading columns: "trained" keeps its columns as trained (in no order);
+    # "principal" first rotates them, scores unchanged, so the leading ones carry the most (MF, LightGCN) [I]
+    reference_basis: Literal["trained", "principal"] = "trained"
 
     def __post_init__(self) -> None:
         if self.batches < 1:
@@ -38,6 +44,9 @@ class EnvironmentConfig:
             raise ValueError(f"environment.lr must be > 0, got {self.lr}")
         if self.item_quality not in ("users", "hits"):
             raise ValueError(f"environment.item_quality must be 'users' or 'hits', got {self.item_quality!r}")
+        if self.reference_basis not in ("trained", "principal"):
+            raise ValueError(f"environment.reference_basis must be 'trained' or 'principal', got "
+                             f"{self.reference_basis!r}")
 
 
 @dataclass
@@ -75,9 +84,13 @@ class SizeEnvironment:
         reference: Recommender,
     ) -> None:
         self.dataset, self.model_config, self.train_config, self.config = dataset, model_config, train_config, config
+        self._model = build_model(model_config, dataset.n_users, dataset.n_items, dataset.train)
+        if config.reference_basis == "principal":  # a rotated copy: same scores, most used columns first
+            self._model.load_state_dict(reference.state_dict())
+            rotate_to_principal_basis(self._model)
+            reference = self._model
         self.reference_state = {k: v.detach().clone() for k, v in reference.state_dict().items()}
         self.reference_quality = row_quality(reference, dataset, train_config.eval_chunk, config.item_quality)
-        self._model = build_model(model_config, dataset.n_users, dataset.n_items, dataset.train)
 
     def step_config(self, step_seed: int) -> TrainConfig:
         """The training recipe of one step: warm fine-tunes at a constant lr; paper trains from scratch."""
