@@ -119,10 +119,10 @@ def test_compare_table_takes_the_latest_epoch_row_per_method_and_budget(monkeypa
               "ciess λ=2 items=hits random=20", "ciess λ=2 γ=0"]
     assert lines[0] == "| c | " + " | ".join(labels) + " |"
     assert lines[2] == "| 0.8 | 0.2000 / 0.4000 (0.805) | - | - | - | - | - | 0.3000 / 0.6000 (0.820) |"
-    assert lines[3] == "| 0.9 | - | 0.0500 / 0.1000 (0.950) | 0.1400 / 0.2800 (0.900) | 0.2500 / 0.5000 (0.910) | - | - " \
-                       "| - |"
-    assert lines[4] == "| 0.95 | - | 0.1100 / 0.2200 (0.950) | - | - | 0.1000 / 0.2000 (0.950) | 0.1200 / 0.2400 " \
-                       "(0.960) | - |"
+    assert lines[3] == ("| 0.9 | - | 0.0500 / 0.1000 (0.950) | 0.1400 / 0.2800 (0.900) | 0.2500 / 0.5000 (0.910) "
+                        "| - | - | - |")
+    assert lines[4] == ("| 0.95 | - | 0.1100 / 0.2200 (0.950) | - | - | 0.1000 / 0.2000 (0.950) "
+                        "| 0.1200 / 0.2400 (0.960) | - |")
     # the shown rows' code, not the replaced ones'
     assert lines[5] == "| git | aaaaaaa | aaaaaaa | aaaaaaa | aaaaaaa | aaaaaaa | aaaaaaa | aaaaaaa |"
     assert len(lines) == 6
