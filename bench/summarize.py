@@ -1,7 +1,8 @@
 """Prints the results files as markdown tables (for docs/benchmarks.md): ML-1M quality with ratios to the paper,
-the RL step timings, the compressed tables' memory and lookup speed, and the sharded search's scaling.
+the RL step timings, the compressed tables' memory and lookup speed, the sharded search's scaling, and a row's
+quality by its own size.
 
-    python bench/summarize.py ml1m | rl | memory | lookup | scaling
+    python bench/summarize.py ml1m | ml1m-compare | rl | memory | lookup | scaling | own-size
     python bench/summarize.py --update-docs
 """
 
@@ -147,6 +148,24 @@ def scaling_table() -> None:
               f"| {r['git_sha'][:7]} |")
 
 
+def own_size_table() -> None:
+    """q by a row's own size (bench/own_size_response.py): one line per run and side, buckets in size order."""
+    rows = read("own_size.jsonl")
+    buckets = sorted({b for r in rows for b in r["q_by_size"]}, key=lambda b: int(b[1:].split(",")[0]))
+    print("| side | protocol | basis | batches | seed | " + " | ".join(f"q {b}" for b in buckets)
+          + " | popular third " + " / ".join(buckets) + " | git |")
+    print("|---|---|---|---|---|" + "---|" * len(buckets) + "---|---|")
+
+    def cell(value: float | None) -> str:
+        return "-" if value is None else f"{value:.3f}"
+
+    for r in rows:
+        popular = " / ".join(cell(r["q_by_size_popular_third"].get(b)) for b in buckets)
+        print(f"| {r['side']} | {r['protocol']} | {r.get('reference_basis', 'trained')} | {r['batches']} | "
+              f"{r['seed']} | " + " | ".join(cell(r["q_by_size"].get(b)) for b in buckets)
+              + f" | {popular} | {r['git_sha'][:7]} |")
+
+
 TABLES = {
     "ml1m": ml1m_table,
     "ml1m-compare": ml1m_compare_table,
@@ -154,6 +173,7 @@ TABLES = {
     "memory": memory_table,
     "lookup": lookup_table,
     "scaling": scaling_table,
+    "own-size": own_size_table,
 }
 
 

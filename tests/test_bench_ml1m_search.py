@@ -245,3 +245,15 @@ def test_own_size_response_runs_either_protocol(tmp_path, protocol, one_torch_th
         assert r["rows"] == 2 * n and 0 <= r["mean_q"] <= 1
         assert all(v is None or 0 <= v <= 1 for v in r["q_by_size"].values())
     assert (tmp_path / "run" / "reference" / "checkpoint.json").is_file()  # trained once, then reused
+
+
+def test_own_size_table_orders_buckets_by_size(monkeypatch, capsys):
+    row = {"side": "item", "protocol": "warm", "batches": 40, "seed": 0, "git_sha": "c" * 40,
+           "q_by_size": {"[16,32)": 0.9, "[1,4)": 0.5, "[4,8)": None},
+           "q_by_size_popular_third": {"[16,32)": 0.8, "[1,4)": 0.2, "[4,8)": None}}
+    monkeypatch.setattr(summarize, "read", lambda name: [row, {**row, "reference_basis": "principal"}])
+    summarize.own_size_table()
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("| side | protocol | basis | batches | seed | q [1,4) | q [4,8) | q [16,32) |")
+    assert lines[2] == "| item | warm | trained | 40 | 0 | 0.500 | - | 0.900 | 0.200 / - / 0.800 | ccccccc |"
+    assert lines[3].startswith("| item | warm | principal |")
