@@ -248,6 +248,9 @@ def test_a_principal_reference_basis_keeps_the_reference_and_more_of_it_when_cut
     assert torch.equal(reference.table_weight("user"), as_trained)  # the caller's reference is not rotated
     with pytest.raises(ValueError, match="reference_basis"):
         EnvironmentConfig(reference_basis="pca")
+    principal = dataclasses.replace(TINY.search, environment=EnvironmentConfig(reference_basis="principal"))
+    with pytest.raises(ValueError, match="keeps scores only for mf and lightgcn, not ngcf"):  # before any training
+        dataclasses.replace(TINY, model=dataclasses.replace(TINY.model, kind="ngcf"), search=principal)
 
 
 def test_random_warm_up_steps_size_rows_uniformly_then_hand_over_to_the_actor(tmp_path):

@@ -87,6 +87,9 @@ class SearchExperimentConfig:
     reference_dir: str | None = None  # cached full-size reference; default <output_dir>/reference (shareable)
 
     def __post_init__(self) -> None:
+        if self.search.environment.reference_basis == "principal" and self.model.kind not in ("mf", "lightgcn"):
+            raise ValueError(f"search.environment.reference_basis 'principal' keeps scores only for mf and lightgcn, "
+                             f"not {self.model.kind}")
         impossible = [c for c in self.search.budgets if (1 - c) * self.model.d_max < 1]
         if impossible:
             raise ValueError(
