@@ -321,10 +321,12 @@ def test_budgets_retrained_by_separate_processes(tmp_path, finished_search):
         assert a.metrics["test"] == b.metrics["test"]
 
 
-def test_budgets_retrained_by_worker_processes(tmp_path, finished_search):
+def test_budgets_retrained_by_worker_processes(tmp_path, finished_search, caplog, capfd):
     """retrain_workers spawns processes that retrain the budgets at once and give the plans one process gives."""
+    import logging
     import shutil
 
+    caplog.set_level(logging.INFO)  # the workers log at the caller's level
     config, _ = finished_search
     parallel = dataclasses.replace(config, output_dir=str(tmp_path / "workers"))
     shutil.copytree(Path(config.output_dir) / "reference", Path(parallel.output_dir) / "reference")
@@ -337,6 +339,8 @@ def test_budgets_retrained_by_worker_processes(tmp_path, finished_search):
         assert all(torch.equal(a.sizes[s], b.sizes[s]) for s in a.sizes)
         assert b.metrics["test"] == pytest.approx(a.metrics["test"], abs=1e-9)
     assert (Path(parallel.output_dir) / "report").is_dir()
+    worker_log = capfd.readouterr().err  # the workers write to the inherited stderr, each line naming its budget
+    assert all(f"[c={c:.2f}]" in worker_log for c in config.search.budgets), worker_log[-2000:]
     with pytest.raises(ValueError, match="retrain_workers must be >= 1"):
         run_search(parallel, resume=True, retrain_workers=0)
 

@@ -392,7 +392,8 @@ def retrain_budget(
 def _retrain_worker(config: SearchExperimentConfig, base_dir: Path | None, c: float, threads: int, log_level: int):
     """One budget's retraining in a spawned process, from the finished search's saved record."""
     torch.set_num_threads(threads)
-    logging.basicConfig(level=log_level, format=f"%(asctime)s %(levelname)s [c={c:.2f}] %(message)s")
+    # force: an import may already have given the fresh process's root logger a handler, which would mute this one
+    logging.basicConfig(level=log_level, format=f"%(asctime)s %(levelname)s [c={c:.2f}] %(message)s", force=True)
     search = config.search
     record = ConfigurationRecord(tuple(search.budgets), search.top_l)
     record.load_state_dict(torch.load(Path(config.output_dir) / STATE_FILE, weights_only=True)["record"])
