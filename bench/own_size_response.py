@@ -24,7 +24,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench.ml1m_baselines import git_sha  # noqa: E402
-from bench.search_diagnosis import mean_by_size  # noqa: E402
+from bench.search_diagnosis import size_response  # noqa: E402
 from ciess_prod.cli import positive_int  # noqa: E402
 from ciess_prod.config import load_yaml  # noqa: E402
 from ciess_prod.experiment import load_dataset  # noqa: E402
@@ -38,12 +38,8 @@ RESULTS = ROOT / "bench" / "results" / "own_size.jsonl"
 
 def side_response(sizes: torch.Tensor, q: torch.Tensor, raw: torch.Tensor, popularity: torch.Tensor,
                   d_max: int) -> dict:
-    """q and raw eval by own size over all draws: sizes, q, raw [draws * rows]; popularity [draws * rows]."""
-    popular = popularity >= torch.quantile(popularity.double(), 2 / 3)  # the most popular third of the rows
-    return {"rows": len(sizes), "mean_q": round(float(q.double().mean()), 4),
-            "q_by_size": mean_by_size(sizes, q, d_max),
-            "raw_by_size": mean_by_size(sizes, raw, d_max),
-            "q_by_size_popular_third": mean_by_size(sizes[popular], q[popular], d_max)}
+    """q and raw eval by own size over all draws: sizes, q, raw, popularity [draws * rows]."""
+    return {"rows": len(sizes), **size_response(sizes, q, popularity, d_max, raw=raw)}
 
 
 def measure(config: SearchExperimentConfig, draws: int, seed: int, base_dir: Path) -> list[dict]:

@@ -48,16 +48,22 @@ def mean_by_size(sizes: torch.Tensor, values: torch.Tensor, d_max: int) -> dict[
             for lo, hi, s, n in zip(edges[:-1].int().tolist(), edges[1:].int().tolist(), sums, counts, strict=True)}
 
 
+def size_response(sizes: torch.Tensor, q: torch.Tensor, popularity: torch.Tensor, d_max: int,
+                  **others: torch.Tensor) -> dict:
+    """Mean q, q by size (all rows and the most popular third) and each of ``others`` by size (``<name>_by_size``);
+    every tensor [T] over the same rows."""
+    popular = popularity >= torch.quantile(popularity.double(), 2 / 3)
+    return {"mean_q": round(float(q.double().mean()), 4), "q_by_size": mean_by_size(sizes, q, d_max),
+            "q_by_size_popular_third": mean_by_size(sizes[popular], q[popular], d_max),
+            **{f"{name}_by_size": mean_by_size(sizes, values, d_max) for name, values in others.items()}}
+
+
 def warm_up_response(buffer: torch.Tensor, transitions: int, d_max: int) -> dict:
     """Reward and q by size over the random warm-up's transitions (the buffer's first ``transitions``): sizes drawn
     at random, so unlike the whole buffer these show what a row's own size does to its quality, unconfounded."""
     part = buffer[:transitions]
     sizes, reward, q = part[:, STATE_DIM], part[:, STATE_DIM + 1], part[:, STATE_DIM + 2 + 2]
-    popular = part[:, 0] >= torch.quantile(part[:, 0], 2 / 3)  # the most popular third of the rows
-    return {"transitions": len(part), "mean_q": round(float(q.double().mean()), 4),
-            "reward_by_size": mean_by_size(sizes, reward, d_max),
-            "q_by_size": mean_by_size(sizes, q, d_max),
-            "q_by_size_popular_third": mean_by_size(sizes[popular], q[popular], d_max)}
+    return {"transitions": len(part), **size_response(sizes, q, part[:, 0], d_max, reward=reward)}
 
 
 def diagnose_side(agent: TD3Agent, buffer: torch.Tensor, d_max: int) -> dict:

@@ -166,7 +166,7 @@ def test_the_principal_basis_refuses_what_it_cannot_rotate():
     from ciess_prod.models.basis import rotate_to_principal_basis
 
     for kind in ("ngcf", "neumf"):
-        with pytest.raises(ValueError, match="only for MF and LightGCN"):
+        with pytest.raises(ValueError, match="only for \\('mf', 'lightgcn'\\), not "):
             rotate_to_principal_basis(_full_model(kind))
     with pytest.raises(ValueError, match="rotate the full-size model"):
         rotate_to_principal_basis(_model("lightgcn"))

@@ -13,16 +13,16 @@ import torch
 
 from ciess_prod.models.base import Recommender
 from ciess_prod.models.lightgcn import LightGCN
-from ciess_prod.models.mf import MF
 
-ROTATABLE = (MF, LightGCN)  # scores and loss invariant under a shared orthogonal rotation of both tables
+# model kinds whose scores and loss are invariant under one orthogonal rotation of both tables
+ROTATABLE_KINDS = ("mf", "lightgcn")
 
 
 def principal_rotation(model: Recommender) -> torch.Tensor:
     """Orthogonal R [d_max, d_max] whose column j is the j-th right singular vector of the model's scored
     embeddings (users and items stacked, float64), by descending singular value."""
-    if not isinstance(model, ROTATABLE):
-        raise ValueError(f"a principal basis keeps scores only for MF and LightGCN, not {type(model).__name__}")
+    if model.config.kind not in ROTATABLE_KINDS:
+        raise ValueError(f"a principal basis keeps scores only for {ROTATABLE_KINDS}, not {model.config.kind}")
     with torch.no_grad():
         if isinstance(model, LightGCN):
             scored = model.final_embeddings()

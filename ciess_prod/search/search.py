@@ -32,6 +32,7 @@ from ciess_prod.data import RecDataset
 from ciess_prod.experiment import DataConfig, load_dataset
 from ciess_prod.io import write_json_atomic
 from ciess_prod.models import SIDES, ModelConfig, Recommender, build_model, sparsity
+from ciess_prod.models.basis import ROTATABLE_KINDS
 from ciess_prod.search.agent import TD3Agent, TD3Config
 from ciess_prod.search.buffer import ReplayBuffer
 from ciess_prod.search.candidates import CandidateFit, CandidateFits
@@ -87,9 +88,9 @@ class SearchExperimentConfig:
     reference_dir: str | None = None  # cached full-size reference; default <output_dir>/reference (shareable)
 
     def __post_init__(self) -> None:
-        if self.search.environment.reference_basis == "principal" and self.model.kind not in ("mf", "lightgcn"):
-            raise ValueError(f"search.environment.reference_basis 'principal' keeps scores only for mf and lightgcn, "
-                             f"not {self.model.kind}")
+        if self.search.environment.reference_basis == "principal" and self.model.kind not in ROTATABLE_KINDS:
+            raise ValueError(f"search.environment.reference_basis 'principal' keeps scores only for "
+                             f"{ROTATABLE_KINDS}, not {self.model.kind}")
         impossible = [c for c in self.search.budgets if (1 - c) * self.model.d_max < 1]
         if impossible:
             raise ValueError(
@@ -412,7 +413,8 @@ def retrain_in_workers(
     with ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool:
         jobs = {c: pool.submit(_retrain_worker, config, base_dir, c, threads, logging.getLogger().getEffectiveLevel())
                 for c in budgets}
-        failed = {c: job.exception() for c, job in jobs.items() if job.exception() is not None}
+        errors = {c: job.exception() for c, job in jobs.items()}  # waits for every worker
+    failed = {c: error for c, error in errors.items() if error is not None}
     if failed:
         raise RuntimeError(f"retraining failed for budgets {sorted(failed)}: "
                            + "; ".join(f"c={c}: {error!r}" for c, error in sorted(failed.items())))
