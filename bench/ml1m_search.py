@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import logging
 import os
 import resource
@@ -127,12 +126,15 @@ def variant(base: SearchExperimentConfig, method: str) -> SearchExperimentConfig
                                reference_dir=shared_reference(base))
 
 
-def reuse_search_state(source: Path, dest: Path) -> None:
-    """Starts `ciess_fill` from the finished `ciess` search (its 300 steps) so that only the retraining runs."""
+def reuse_search_state(source: Path, dest: Path, total_steps: int) -> None:
+    """Starts `ciess_fill` from the `ciess` search's finished steps, so that only the retraining runs (the `ciess`
+    run's own retraining need not have finished)."""
     if (dest / STATE_FILE).is_file():
         return
-    if not (source / "search.json").is_file() or not json.loads((source / "search.json").read_text())["finished"]:
-        raise SystemExit(f"ciess_fill reuses the finished `ciess` search in {source}: run --methods ciess first")
+    done = torch.load(source / STATE_FILE, weights_only=True)["step"] if (source / STATE_FILE).is_file() else 0
+    if done < total_steps:
+        raise SystemExit(f"ciess_fill reuses the `ciess` search's {total_steps} steps; {source} has {done}: run "
+                         "--methods ciess first")
     dest.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(source / STATE_FILE, dest / (STATE_FILE + ".tmp"))
     os.replace(dest / (STATE_FILE + ".tmp"), dest / STATE_FILE)
@@ -184,7 +186,8 @@ def main(argv: list[str] | None = None) -> int:
             config = variant(searched, method)
             config = dataclasses.replace(config, output_dir=str(ROOT / config.output_dir))
             if method == "ciess_fill":
-                reuse_search_state(ROOT / searched.output_dir, Path(config.output_dir))
+                reuse_search_state(ROOT / searched.output_dir, Path(config.output_dir),
+                                   searched.search.episodes * searched.search.steps_per_episode)
             summary = run_search(config, base_dir=ROOT, resume=args.resume or method == "ciess_fill",
                                  retrain_budgets=args.retrain_budgets, retrain_workers=args.retrain_workers)
             if not summary["finished"]:  # the process retraining the last pending budget writes the rows

@@ -58,23 +58,27 @@ def test_another_lambda_or_gamma_searches_in_its_own_directory_with_the_shared_r
     assert with_search_settings(base, reference_basis="trained") is base
 
 
-def test_reuse_refuses_an_unfinished_search(tmp_path):
-    with pytest.raises(SystemExit, match="run --methods ciess first"):
-        reuse_search_state(tmp_path / "ciess", tmp_path / "fill")
+def test_reuse_refuses_a_search_whose_steps_are_unfinished(tmp_path):
+    with pytest.raises(SystemExit, match="has 0: run --methods ciess first"):
+        reuse_search_state(tmp_path / "ciess", tmp_path / "fill", 300)
     (tmp_path / "ciess").mkdir()
-    (tmp_path / "ciess" / "search.json").write_text(json.dumps({"finished": False}))
-    with pytest.raises(SystemExit, match="run --methods ciess first"):
-        reuse_search_state(tmp_path / "ciess", tmp_path / "fill")
+    torch.save({"step": 299}, tmp_path / "ciess" / STATE_FILE)
+    with pytest.raises(SystemExit, match="300 steps; .* has 299"):
+        reuse_search_state(tmp_path / "ciess", tmp_path / "fill", 300)
     assert not (tmp_path / "fill").exists()
+    torch.save({"step": 300}, tmp_path / "ciess" / STATE_FILE)  # steps done, its own retraining not: enough
+    reuse_search_state(tmp_path / "ciess", tmp_path / "fill", 300)
+    assert torch.load(tmp_path / "fill" / STATE_FILE, weights_only=True) == {"step": 300}
 
 
 def test_ciess_fill_retrains_the_finished_search_into_the_unused_budget(tmp_path, monkeypatch, one_torch_thread):
     base = dataclasses.replace(TINY, output_dir=str(tmp_path / "run"))
     run_search(base)
     fill = variant(base, "ciess_fill")
-    reuse_search_state(Path(base.output_dir), Path(fill.output_dir))
+    steps = TINY.search.episodes * TINY.search.steps_per_episode
+    reuse_search_state(Path(base.output_dir), Path(fill.output_dir), steps)
     state = (Path(fill.output_dir) / STATE_FILE).read_bytes()
-    reuse_search_state(Path(base.output_dir), Path(fill.output_dir))  # a second call keeps what is there
+    reuse_search_state(Path(base.output_dir), Path(fill.output_dir), steps)  # a second call keeps what is there
     assert (Path(fill.output_dir) / STATE_FILE).read_bytes() == state
 
     def no_search_step(*args, **kwargs):
@@ -82,7 +86,7 @@ def test_ciess_fill_retrains_the_finished_search_into_the_unused_budget(tmp_path
 
     monkeypatch.setattr(SizeEnvironment, "evaluate", no_search_step)
     summary = run_search(fill, resume=True)
-    assert summary["finished"] and summary["completed_steps"] == TINY.search.episodes * TINY.search.steps_per_episode
+    assert summary["finished"] and summary["completed_steps"] == steps
     grown = 0
     for c in TINY.search.budgets:
         plain = DimensionPlan.load(Path(base.output_dir) / "plans" / f"c{c:.2f}")
