@@ -153,8 +153,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="searches: this warm reference basis instead of the config's, in <output_dir>-principal "
                              "(the rows record it as reference_basis)")
     parser.add_argument("--retrain-workers", type=positive_int, default=1, metavar="N",
-                        help="searches: retrain the budgets in N processes at once (rows record it, and "
-                             "process_seconds: this process's wall time)")
+                        help="searches: fit the candidates and test the budgets in N processes at once (rows record "
+                             "it, and process_seconds: this process's wall time)")
     parser.add_argument("--budgets", type=float, nargs="+", help="mr/freq: only these budgets (default: the config's)")
     parser.add_argument("--size-penalty", type=float, metavar="LAMBDA",
                         help="searches: this lambda instead of the config's, in <output_dir>-lambda<LAMBDA> (the rows "

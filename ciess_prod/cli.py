@@ -133,7 +133,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="with --resume on a finished search: retrain only these budgets (run one process per "
                              "group to retrain in parallel; the last one to finish writes the report)")
     search.add_argument("--retrain-workers", type=positive_int, default=1, metavar="N",
-                        help="retrain the budgets in N processes at once, sharing this one's threads (default 1)")
+                        help="fit the candidates and test the budgets in N processes at once, sharing this one's "
+                             "threads (default 1)")
     search.set_defaults(func=_cmd_search)
 
     evaluate = sub.add_parser("evaluate", help="score a checkpoint on the validation or test split")

@@ -23,8 +23,10 @@ from ciess_prod.search.exploration import ExplorationConfig
 from ciess_prod.search.plan import budget_for
 from ciess_prod.search.search import (
     STATE_FILE,
+    ConfigurationRecord,
     SearchConfig,
     SearchExperimentConfig,
+    budget_candidates,
     build_states,
     rewards,
     run_search,
@@ -340,10 +342,38 @@ def test_budgets_retrained_by_worker_processes(tmp_path, finished_search, caplog
         assert all(torch.equal(a.sizes[s], b.sizes[s]) for s in a.sizes)
         assert b.metrics["test"] == pytest.approx(a.metrics["test"], abs=1e-9)
     assert (Path(parallel.output_dir) / "report").is_dir()
+    # the candidates were fitted as units of their own, each distinct one once, and each budget's test read them
+    record = ConfigurationRecord(tuple(config.search.budgets), config.search.top_l)
+    record.load_state_dict(torch.load(Path(config.output_dir) / STATE_FILE, weights_only=True)["record"])
+    candidates = {c: budget_candidates(parallel, record, c)[0] for c in config.search.budgets}
+    distinct = {tuple(torch.cat([v.sizes[s] for s in sorted(v.sizes)]).tolist()) for cs in candidates.values()
+                for v in cs}
+    assert len(list((Path(parallel.output_dir) / "candidates").glob("*.json"))) == len(distinct) > 0
+    for c in config.search.budgets:
+        selection = DimensionPlan.load(Path(parallel.output_dir) / "plans" / f"c{c:.2f}").metrics["selection"]
+        assert selection["reused_fits"] == len(candidates[c])
+    assert f"{len(distinct)} candidate fit(s), then the tests" in caplog.text
     worker_log = capfd.readouterr().err  # the workers write to the inherited stderr, each line naming its budget
     assert all(f"[c={c:.2f}]" in worker_log for c in config.search.budgets), worker_log[-2000:]
     with pytest.raises(ValueError, match="retrain_workers must be >= 1"):
         run_search(parallel, resume=True, retrain_workers=0)
+
+
+def test_train_only_workers_retrain_whole_budgets(tmp_path, finished_search, caplog):
+    """`train_only` tests the fitted weights, which a fit store does not keep: each worker fits its own budget."""
+    import logging
+    import shutil
+
+    caplog.set_level(logging.INFO)
+    config, _ = finished_search
+    weights = dataclasses.replace(config, output_dir=str(tmp_path / "train-only"), protocol="train_only")
+    shutil.copytree(Path(config.output_dir) / "reference", Path(weights.output_dir) / "reference")
+    shutil.copyfile(Path(config.output_dir) / STATE_FILE, Path(weights.output_dir) / STATE_FILE)
+    summary = run_search(weights, resume=True, retrain_workers=2)
+    assert summary["finished"] and "0 candidate fit(s), then the tests" in caplog.text
+    for c in config.search.budgets:
+        plan = DimensionPlan.load(Path(weights.output_dir) / "plans" / f"c{c:.2f}")
+        assert plan.fits_budget() and plan.metrics["selection"]["reused_fits"] == 0
 
 
 def test_a_failed_worker_names_its_budget(tmp_path, finished_search):

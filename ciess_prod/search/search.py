@@ -18,7 +18,7 @@ import multiprocessing
 import os
 import time
 from collections.abc import Sequence
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -35,7 +35,7 @@ from ciess_prod.models import SIDES, ModelConfig, Recommender, build_model, spar
 from ciess_prod.models.basis import ROTATABLE_KINDS
 from ciess_prod.search.agent import TD3Agent, TD3Config
 from ciess_prod.search.buffer import ReplayBuffer
-from ciess_prod.search.candidates import CandidateFit, CandidateFits
+from ciess_prod.search.candidates import CandidateFit, CandidateFits, fit_key
 from ciess_prod.search.environment import EnvironmentConfig, Quality, SizeEnvironment
 from ciess_prod.search.exploration import ExplorationConfig, Explorer
 from ciess_prod.search.plan import MANIFEST_NAME, DimensionPlan, fill_to_budget, repair_to_budget
@@ -344,7 +344,7 @@ def run_search(
     plans = {c: finished_plan(*budget_dirs(out, c), config, dataset) if resume else None for c in search.budgets}
     mine = [c for c, plan in plans.items() if plan is None and (retrain_budgets is None or c in retrain_budgets)]
     if retrain_workers > 1 and len(mine) > 1:
-        retrain_in_workers(config, base_dir, mine, retrain_workers)
+        retrain_in_workers(config, base_dir, dataset, state.record, mine, retrain_workers)
     else:
         for c in mine:
             plans[c] = retrain_budget(config, dataset, state.record, c)
@@ -390,11 +390,26 @@ def retrain_budget(
     return plan
 
 
-def _retrain_worker(config: SearchExperimentConfig, base_dir: Path | None, c: float, threads: int, log_level: int):
-    """One budget's retraining in a spawned process, from the finished search's saved record."""
+def _worker_logging(threads: int, log_level: int, label: str) -> None:
     torch.set_num_threads(threads)
     # force: an import may already have given the fresh process's root logger a handler, which would mute this one
-    logging.basicConfig(level=log_level, format=f"%(asctime)s %(levelname)s [c={c:.2f}] %(message)s", force=True)
+    logging.basicConfig(level=log_level, format=f"%(asctime)s %(levelname)s [{label}] %(message)s", force=True)
+
+
+def _fit_worker(
+    config: SearchExperimentConfig, base_dir: Path | None, sizes: dict[str, torch.Tensor], label: str, threads: int,
+    log_level: int,
+) -> None:
+    """One candidate's retraining on train in a spawned process; its outcome goes to the search's fit store."""
+    _worker_logging(threads, log_level, label)
+    dataset = load_dataset(config.data, base_dir)
+    log.info("retraining a candidate (%s)", summarise_sizes(sizes))
+    fit_candidate(config, dataset, sizes, candidate_fits(config, dataset, Path(config.output_dir)))
+
+
+def _retrain_worker(config: SearchExperimentConfig, base_dir: Path | None, c: float, threads: int, log_level: int):
+    """One budget's retraining in a spawned process, from the finished search's saved record."""
+    _worker_logging(threads, log_level, f"c={c:.2f}")
     search = config.search
     record = ConfigurationRecord(tuple(search.budgets), search.top_l)
     record.load_state_dict(torch.load(Path(config.output_dir) / STATE_FILE, weights_only=True)["record"])
@@ -402,22 +417,77 @@ def _retrain_worker(config: SearchExperimentConfig, base_dir: Path | None, c: fl
 
 
 def retrain_in_workers(
-    config: SearchExperimentConfig, base_dir: Path | None, budgets: Sequence[float], workers: int
+    config: SearchExperimentConfig,
+    base_dir: Path | None,
+    dataset: RecDataset,
+    record: ConfigurationRecord,
+    budgets: Sequence[float],
+    workers: int,
 ) -> None:
-    """Retrains ``budgets`` in up to ``workers`` spawned processes sharing this process's threads; a worker's
-    failure is raised here, after the others have finished (their plans stay saved)."""
-    workers = min(workers, len(budgets))
+    """Retrains ``budgets`` in up to ``workers`` spawned processes sharing this process's threads.
+
+    Under ``final`` the unit of work is one candidate's fit, not one budget: every budget's unfitted candidates
+    (each distinct one once) are queued first, and a budget's test protocol is queued as soon as its candidates are
+    fitted, reading their outcomes from the fit store. Three budgets on two workers then leave no worker idle for a
+    whole budget. ``train_only`` tests the fitted weights, so there each budget is one unit. A failure is raised
+    here, naming its budgets, after the other work has finished (their plans stay saved).
+    """
+    store = candidate_fits(config, dataset, Path(config.output_dir))
+    errors: dict[float, BaseException] = {}
+    waiting: dict[float, set[str]] = {}  # budget -> keys of the candidate fits it waits for
+    to_fit: dict[str, tuple[str, dict[str, torch.Tensor]]] = {}  # key -> (the first budget needing it, sizes)
+    for c in budgets:
+        waiting[c] = set()
+        if config.protocol != "final":
+            continue
+        try:
+            candidates, _ = budget_candidates(config, record, c)
+        except Exception as error:  # noqa: BLE001 - reported with its budget below, like a worker's
+            errors[c] = error
+            continue
+        for candidate in candidates:
+            key = fit_key(store.recipe, candidate.sizes)
+            if key in to_fit or store.get(candidate.sizes) is None:
+                to_fit.setdefault(key, (f"c={c:.2f}", candidate.sizes))
+                waiting[c].add(key)
+    ready = [c for c in budgets if c not in errors and not waiting[c]]
+    workers = min(workers, max(len(to_fit), len(budgets) - len(errors), 1))
     threads = max(1, torch.get_num_threads() // workers)
-    log.info("retraining budgets %s in %d processes of %d thread(s) each", list(budgets), workers, threads)
+    level = logging.getLogger().getEffectiveLevel()
+    log.info("retraining budgets %s in %d processes of %d thread(s) each: %d candidate fit(s), then the tests",
+             list(budgets), workers, threads, len(to_fit))
     context = multiprocessing.get_context("spawn")  # no fork of a process holding torch's thread pools
     with ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool:
-        jobs = {c: pool.submit(_retrain_worker, config, base_dir, c, threads, logging.getLogger().getEffectiveLevel())
-                for c in budgets}
-        errors = {c: job.exception() for c, job in jobs.items()}  # waits for every worker
-    failed = {c: error for c, error in errors.items() if error is not None}
-    if failed:
-        raise RuntimeError(f"retraining failed for budgets {sorted(failed)}: "
-                           + "; ".join(f"c={c}: {error!r}" for c, error in sorted(failed.items())))
+        running: dict[Future, tuple[str, Any]] = {
+            pool.submit(_fit_worker, config, base_dir, sizes, label, threads, level): ("fit", key)
+            for key, (label, sizes) in to_fit.items()
+        }
+        while ready or running:
+            for c in ready:
+                running[pool.submit(_retrain_worker, config, base_dir, c, threads, level)] = ("budget", c)
+            ready = []
+            done, _ = wait(running, return_when=FIRST_COMPLETED)
+            for job in done:
+                kind, what = running.pop(job)
+                error = job.exception()
+                if kind == "budget":
+                    if error is not None:
+                        errors[what] = error
+                    continue
+                for c, keys in waiting.items():
+                    if what in keys:
+                        keys.discard(what)
+                        if error is not None:
+                            errors.setdefault(c, error)
+                        elif not keys and c not in errors:
+                            ready.append(c)
+    if errors:
+        raise RuntimeError(f"retraining failed for budgets {sorted(errors)}: "
+                           + "; ".join(f"c={c}: {error!r}" for c, error in sorted(errors.items())))
+
+
+def summarise_sizes(sizes: dict[str, torch.Tensor]) -> str:
+    return ", ".join(f"{s} mean size {sizes[s].double().mean().item():.1f}" for s in SIDES)
 
 
 def candidate_fits(config: SearchExperimentConfig, dataset: RecDataset, out: Path) -> CandidateFits:
@@ -466,57 +536,78 @@ def finished_plan(
     return plan
 
 
+def budget_candidates(
+    config: SearchExperimentConfig, record: ConfigurationRecord, c: float
+) -> tuple[list[Visited], bool]:
+    """Budget c's candidates and whether they were repaired: its top-l visited configurations (grown into the budget's
+    unused part under ``fill_budget``), or, when none was visited, the sparsest visited one shrunk into it."""
+    d_max = config.model.d_max
+    candidates = record.best[c]
+    if not candidates:  # nothing visited fits: shrink the sparsest visited configuration (order kept)
+        if record.sparsest is None:
+            raise RuntimeError("the search visited no configuration")
+        sizes = repair_to_budget(record.sparsest.sizes, d_max, c)
+        return [Visited(-1, sparsity(list(sizes.values()), d_max), float("nan"), sizes)], True
+    if config.search.fill_budget:  # visited configurations may leave part of the budget unused
+        candidates = [
+            dataclasses.replace(v, sizes=fill_to_budget(v.sizes, d_max, c), sparsity=float("nan")) for v in candidates
+        ]
+    return list(candidates), False
+
+
+def sized_model(config: SearchExperimentConfig, sizes: dict[str, torch.Tensor]):
+    """A ``make_model`` for the training protocols: a fresh model of the config's kind with these per-row sizes."""
+
+    def make(d: RecDataset) -> Recommender:
+        model = build_model(config.model, d.n_users, d.n_items, d.train)
+        for s in SIDES:
+            model.set_row_sizes(s, sizes[s])
+        return model
+
+    return make
+
+
+def fit_candidate(
+    config: SearchExperimentConfig, dataset: RecDataset, sizes: dict[str, torch.Tensor], fits: CandidateFits
+) -> tuple[Recommender, CandidateFit]:
+    """Retrains one candidate on train with early stopping and stores its outcome."""
+    fitted, result, val = fit_on_train(dataset, sized_model(config, sizes), config.train)
+    fit = CandidateFit(val=val, best_batches=result.best_batches, seconds=result.seconds)
+    fits.put(sizes, fit)
+    return fitted, fit
+
+
 def choose_plan(
     config: SearchExperimentConfig, dataset: RecDataset, record: ConfigurationRecord, c: float, fits: CandidateFits
 ) -> tuple[DimensionPlan, Recommender]:
     """Retrains the budget's top-l configurations, keeps the best on validation, tests it under the protocol.
 
     Returns the plan and the model it was tested with (under ``final``: retrained on train+validation). ``fits``
-    holds the retrainings done before, for this budget or another.
+    holds the retrainings done before, for this budget, another, or a worker.
     """
-    started = time.perf_counter()
     d_max = config.model.d_max
-    candidates, repaired = record.best[c], False
-    if not candidates:  # nothing visited fits: shrink the sparsest visited configuration (order kept)
-        if record.sparsest is None:
-            raise RuntimeError("the search visited no configuration")
-        sizes = repair_to_budget(record.sparsest.sizes, d_max, c)
-        candidates = [Visited(-1, sparsity(list(sizes.values()), d_max), float("nan"), sizes)]
-        repaired = True
-
-    def make_model(sizes: dict[str, torch.Tensor]):
-        def make(d: RecDataset) -> Recommender:
-            model = build_model(config.model, d.n_users, d.n_items, d.train)
-            for s in SIDES:
-                model.set_row_sizes(s, sizes[s])
-            return model
-
-        return make
-
-    if config.search.fill_budget and not repaired:  # visited configurations may leave part of the budget unused
-        candidates = [
-            dataclasses.replace(v, sizes=fill_to_budget(v.sizes, d_max, c), sparsity=float("nan")) for v in candidates
-        ]
+    candidates, repaired = budget_candidates(config, record, c)
     # `final` retrains the chosen sizes on train+validation, so a fit known from its outcome serves as well as one
     # in memory; `train_only` tests the fitted weights, so it always retrains.
     reads_fits = config.protocol == "final"
-    best, reused = None, 0
+    best, reused, fit_seconds = None, 0, 0.0
     for candidate in candidates:
         fitted, fit = None, fits.get(candidate.sizes) if reads_fits else None
         if fit is None:
-            fitted, result, val = fit_on_train(dataset, make_model(candidate.sizes), config.train)
-            fit = CandidateFit(val=val, best_batches=result.best_batches, seconds=result.seconds)
-            fits.put(candidate.sizes, fit)
+            fitted, fit = fit_candidate(config, dataset, candidate.sizes, fits)
         else:
             reused += 1
+        fit_seconds += fit.seconds
         log.info("budget %.2f: candidate from step %d%s val %s", c, candidate.step,
                  " (retrained before)" if fitted is None else "", fit.val)
         if best is None or fit.val["recall@20"] > best[1].val["recall@20"]:
             best = (candidate, fit, fitted)
     candidate, fit, fitted = best
+    started = time.perf_counter()
     model, _, test = score_with_protocol(
-        dataset, make_model(candidate.sizes), config.train, config.protocol, fitted, fit.best_batches
+        dataset, sized_model(config, candidate.sizes), config.train, config.protocol, fitted, fit.best_batches
     )
+    test_seconds = time.perf_counter() - started
     plan = DimensionPlan(
         sizes={s: candidate.sizes[s].to(torch.int16) for s in SIDES},
         d_max=d_max,
@@ -530,8 +621,10 @@ def choose_plan(
                 "step": candidate.step,
                 **known_mean_q(candidate.mean_q),
                 "best_batches": fit.best_batches,
-                "reused_fits": reused,  # candidates whose retraining another budget (or run) had already done
-                "retrain_seconds": time.perf_counter() - started,  # top-l retrainings plus the test protocol
+                "reused_fits": reused,  # candidates whose retraining another budget, run or worker had already done
+                # its candidates' fits (as timed when they ran, whoever ran them; a fit two budgets share counts in
+                # both) plus the test protocol: a sum of work, not the wall time of parallel workers
+                "retrain_seconds": fit_seconds + test_seconds,
             },
         },
         seed=config.search.seed,
