@@ -2,12 +2,13 @@
 
 Appends to bench/results/ml1m.jsonl one row per budget and method, with the same keys as
 bench/ml1m_baselines.py plus `search_seconds`, `retrain_seconds` (summed over resumed runs; `wall_seconds` is their sum)
-and `peak_rss_mb`. Methods: `ciess`, `ciess_no_walk`, `mr`, `freq`, and `ciess_fill` (the finished `ciess` search
-retrained with `search.fill_budget`); `--size-penalty`, `--gamma`, `--item-quality`, `--random-steps` and
-`--reference-basis` run them at another lambda, TD3 discount, eval(item), random warm-up or warm reference basis
-(rows record them as `size_penalty`, `gamma`, `item_quality`, `random_steps` and `reference_basis`). Every row is
-tested under the same protocol as the `es` rows (configs/ml1m-search.yaml: `final`). Takes hours on 2 cores: run
-it in the background with a log.
+and `peak_rss_mb`. Methods: `ciess`, `ciess_no_walk`, `mr`, `freq`, `ciess_fill` (the finished `ciess` search
+retrained with `search.fill_budget`) and `ciess_scaled` (retrained with every budget taking the loosest budget's
+best configurations, shrunk into it and filled: `search.candidates_from: loosest`). `--size-penalty`, `--gamma`,
+`--item-quality`, `--random-steps` and `--reference-basis` run them at another lambda, TD3 discount, eval(item),
+random warm-up or warm reference basis (rows record them as `size_penalty`, `gamma`, `item_quality`,
+`random_steps` and `reference_basis`). Every row is tested under the same protocol as the `es` rows
+(configs/ml1m-search.yaml: `final`). Takes hours on 2 cores: run it in the background with a log.
 
     OMP_NUM_THREADS=1 python bench/ml1m_search.py > ml1m_search.log 2>&1 &
 """
@@ -37,7 +38,9 @@ from ciess_prod.io import append_jsonl  # noqa: E402
 from ciess_prod.models import SIDES, build_model  # noqa: E402
 from ciess_prod.search import DimensionPlan  # noqa: E402
 from ciess_prod.search.baselines import frequency_sizes, random_sizes  # noqa: E402
-from ciess_prod.search.search import STATE_FILE, SearchExperimentConfig, budget_dirs, run_search  # noqa: E402
+from ciess_prod.search.config import SearchExperimentConfig  # noqa: E402
+from ciess_prod.search.search import STATE_FILE, run_search  # noqa: E402
+from ciess_prod.search.selection import budget_dirs  # noqa: E402
 from ciess_prod.train.protocol import train_and_test  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results" / "ml1m.jsonl"
@@ -78,7 +81,8 @@ def row(config: SearchExperimentConfig, method: str, c: float, sizes: dict, test
     }
 
 
-SEARCHES = ("ciess", "ciess_no_walk", "ciess_fill")
+SEARCHES = ("ciess", "ciess_no_walk", "ciess_fill", "ciess_scaled")
+RETRAINED = ("ciess_fill", "ciess_scaled")  # only the final retraining differs: the steps are the `ciess` run's
 
 
 def shared_reference(base: SearchExperimentConfig) -> str:
@@ -120,20 +124,22 @@ def variant(base: SearchExperimentConfig, method: str) -> SearchExperimentConfig
     if method == "ciess_no_walk":
         search = dataclasses.replace(base.search, exploration=dataclasses.replace(base.search.exploration, walk=False))
         suffix = "-no-walk"
-    else:  # ciess_fill: only the final retraining differs, so the search steps are the `ciess` run's
+    elif method == "ciess_fill":
         search, suffix = dataclasses.replace(base.search, fill_budget=True), "-fill"
+    else:  # ciess_scaled
+        search, suffix = dataclasses.replace(base.search, fill_budget=True, candidates_from="loosest"), "-scaled"
     return dataclasses.replace(base, search=search, output_dir=base.output_dir + suffix,
                                reference_dir=shared_reference(base))
 
 
 def reuse_search_state(source: Path, dest: Path, total_steps: int) -> None:
-    """Starts `ciess_fill` from the `ciess` search's finished steps, so that only the retraining runs (the `ciess`
-    run's own retraining need not have finished)."""
+    """Starts `ciess_fill` or `ciess_scaled` from the `ciess` search's finished steps, so that only the retraining
+    runs (the `ciess` run's own retraining need not have finished)."""
     if (dest / STATE_FILE).is_file():
         return
     done = torch.load(source / STATE_FILE, weights_only=True)["step"] if (source / STATE_FILE).is_file() else 0
     if done < total_steps:
-        raise SystemExit(f"ciess_fill reuses the `ciess` search's {total_steps} steps; {source} has {done}: run "
+        raise SystemExit(f"{dest.name} reuses the `ciess` search's {total_steps} steps; {source} has {done}: run "
                          "--methods ciess first")
     dest.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(source / STATE_FILE, dest / (STATE_FILE + ".tmp"))
@@ -185,10 +191,10 @@ def main(argv: list[str] | None = None) -> int:
         if method in SEARCHES:
             config = variant(searched, method)
             config = dataclasses.replace(config, output_dir=str(ROOT / config.output_dir))
-            if method == "ciess_fill":
+            if method in RETRAINED:
                 reuse_search_state(ROOT / searched.output_dir, Path(config.output_dir),
                                    searched.search.episodes * searched.search.steps_per_episode)
-            summary = run_search(config, base_dir=ROOT, resume=args.resume or method == "ciess_fill",
+            summary = run_search(config, base_dir=ROOT, resume=args.resume or method in RETRAINED,
                                  retrain_budgets=args.retrain_budgets, retrain_workers=args.retrain_workers)
             if not summary["finished"]:  # the process retraining the last pending budget writes the rows
                 print(f"{method}: budgets {summary['pending_budgets']} are left to other processes")

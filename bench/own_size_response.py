@@ -30,8 +30,9 @@ from ciess_prod.config import load_yaml  # noqa: E402
 from ciess_prod.experiment import load_dataset  # noqa: E402
 from ciess_prod.io import append_jsonl  # noqa: E402
 from ciess_prod.models import SIDES  # noqa: E402
+from ciess_prod.search.config import SearchExperimentConfig  # noqa: E402
 from ciess_prod.search.environment import SizeEnvironment  # noqa: E402
-from ciess_prod.search.search import SearchExperimentConfig, train_reference  # noqa: E402
+from ciess_prod.search.search import train_reference  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results" / "own_size.jsonl"
 

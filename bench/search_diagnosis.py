@@ -29,7 +29,8 @@ from ciess_prod.config import load_yaml  # noqa: E402
 from ciess_prod.io import append_jsonl  # noqa: E402
 from ciess_prod.models import SIDES  # noqa: E402
 from ciess_prod.search.agent import STATE_DIM, TD3Agent  # noqa: E402
-from ciess_prod.search.search import STATE_FILE, SearchExperimentConfig  # noqa: E402
+from ciess_prod.search.config import SearchExperimentConfig  # noqa: E402
+from ciess_prod.search.search import STATE_FILE  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results" / "search_diagnosis.jsonl"
 SIZE_EDGES = (1, 4, 8, 16, 32, 64)  # reward buckets [1, 4), [4, 8), ..., [64, d_max]

@@ -20,7 +20,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench.ml1m_baselines import PAPER_ES  # noqa: E402
-from ciess_prod.search.search import SearchConfig  # noqa: E402
+from ciess_prod.search.config import SearchConfig  # noqa: E402
 
 DEFAULT_SIZE_PENALTY = SearchConfig().size_penalty
 DEFAULT_GAMMA = SearchConfig().td3.gamma
@@ -62,7 +62,7 @@ def ml1m_table() -> None:
               f"{r['embedding_bytes']:,} | {r['wall_seconds']:.0f} | {r['git_sha'][:7]} |")
 
 
-SIZE_METHODS = ("es", "mr", "freq", "ciess", "ciess_no_walk", "ciess_fill")
+SIZE_METHODS = ("es", "mr", "freq", "ciess", "ciess_no_walk", "ciess_fill", "ciess_scaled")
 
 
 def method_label(r: dict) -> str:

@@ -57,7 +57,8 @@ SHARDED_ONLY_KEYS = {"task", "sharding", "item_piece"}  # config keys only train
 
 
 def _cmd_search(args: argparse.Namespace) -> int:
-    from ciess_prod.search.search import SearchExperimentConfig, run_search
+    from ciess_prod.search.config import SearchExperimentConfig
+    from ciess_prod.search.search import run_search
 
     sharded_keys = SHARDED_ONLY_KEYS & set(read_yaml_mapping(args.config))
     if sharded_keys:

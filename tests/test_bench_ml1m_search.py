@@ -25,6 +25,9 @@ def test_variants_change_only_their_switch():
     no_walk, fill = variant(base, "ciess_no_walk"), variant(base, "ciess_fill")
     assert no_walk.search.exploration.walk is False and no_walk.search.fill_budget is False
     assert fill.search.fill_budget is True and fill.search.exploration == base.search.exploration
+    scaled = variant(base, "ciess_scaled")
+    assert scaled.search == dataclasses.replace(base.search, fill_budget=True, candidates_from="loosest")
+    assert scaled.output_dir == "/data/run-scaled" and scaled.reference_dir == "/data/run/reference"
     assert (no_walk.output_dir, fill.output_dir) == ("/data/run-no-walk", "/data/run-fill")
     assert no_walk.reference_dir == fill.reference_dir == "/data/run/reference"  # one reference model for all
 

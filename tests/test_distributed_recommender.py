@@ -11,8 +11,8 @@ from searchrun import ROOT, TINY_SEARCH, assert_same_search, run_search
 
 from ciess_prod.experiment import evaluate_checkpoint
 from ciess_prod.search import DimensionPlan
+from ciess_prod.search.config import SearchConfig
 from ciess_prod.search.exploration import ExplorationConfig, Explorer
-from ciess_prod.search.search import SearchConfig
 
 TINY = {
     "data": {

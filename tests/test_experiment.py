@@ -133,7 +133,7 @@ def test_config_validation_names_the_problem(data, message):
 def test_committed_configs_load():
     from ciess_prod.distributed.ctr import CTRSearchExperimentConfig
     from ciess_prod.distributed.recommender import ShardedSearchExperimentConfig
-    from ciess_prod.search.search import SearchExperimentConfig
+    from ciess_prod.search.config import SearchExperimentConfig
 
     for path in sorted(Path(__file__).resolve().parent.parent.glob("configs/*.yaml")):
         raw = yaml.safe_load(path.read_text())

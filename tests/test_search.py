@@ -15,22 +15,16 @@ import yaml
 from ciess_prod.config import to_dict
 from ciess_prod.data import DataConfig, SyntheticConfig, load_dataset
 from ciess_prod.eval.metrics import item_hit_quality
-from ciess_prod.models import ModelConfig, build_model
+from ciess_prod.models import SIDES, ModelConfig, build_model, sparsity
 from ciess_prod.search import DimensionPlan
 from ciess_prod.search.baselines import frequency_sizes, random_sizes
+from ciess_prod.search.config import SearchConfig, SearchExperimentConfig
 from ciess_prod.search.environment import EnvironmentConfig, SizeEnvironment
 from ciess_prod.search.exploration import ExplorationConfig
 from ciess_prod.search.plan import budget_for
-from ciess_prod.search.search import (
-    STATE_FILE,
-    ConfigurationRecord,
-    SearchConfig,
-    SearchExperimentConfig,
-    budget_candidates,
-    build_states,
-    rewards,
-    run_search,
-)
+from ciess_prod.search.record import ConfigurationRecord, Visited
+from ciess_prod.search.search import STATE_FILE, build_states, rewards, run_search
+from ciess_prod.search.selection import budget_candidates
 from ciess_prod.train.trainer import TrainConfig, evaluate, fit
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -128,15 +122,15 @@ def test_resume_after_the_search_reuses_chosen_plans(tmp_path, finished_search, 
     """An interrupted retraining phase keeps the budgets it finished; a plan of another search is not reused."""
     import shutil
 
-    from ciess_prod.search import search as search_module
+    from ciess_prod.search import selection
 
     config, _ = finished_search
     copy = dataclasses.replace(config, output_dir=str(tmp_path / "copy"))
     shutil.copytree(config.output_dir, copy.output_dir)
     chosen = []
-    real_choose = search_module.choose_plan
+    real_choose = selection.choose_plan
     monkeypatch.setattr(
-        search_module, "choose_plan", lambda cfg, d, rec, c, fits: chosen.append(c) or real_choose(cfg, d, rec, c, fits)
+        selection, "choose_plan", lambda cfg, d, rec, c, fits: chosen.append(c) or real_choose(cfg, d, rec, c, fits)
     )
     run_search(copy, resume=True)
     assert chosen == list(config.search.budgets)  # the copied plans name the other output_dir: not this search's
@@ -180,6 +174,31 @@ def test_fill_budget_uses_the_slack_of_each_budget(tmp_path, finished_search):
         assert filled.fits_budget()
         if not summary["plans"][f"{c:.2f}"]["repaired"]:
             assert c <= filled.achieved_sparsity <= unfilled.achieved_sparsity
+
+
+def test_candidates_from_the_loosest_budget_keep_its_allocation():
+    """`loosest`: a tighter budget gets the loosest budget's best configuration shrunk by one common factor (row
+    order kept, budget met, step and measured q kept); `budget` keeps each budget's own top-l."""
+    gen = torch.Generator().manual_seed(0)
+    best = {"user": torch.randint(1, 17, (50,), generator=gen), "item": torch.randint(1, 5, (40,), generator=gen)}
+    own = {"user": torch.full((50,), 2), "item": torch.full((40,), 2)}
+    record = ConfigurationRecord((0.5, 0.8), top_l=1)
+    for step, sizes in ((3, best), (7, own)):
+        record.add(Visited(step, sparsity(list(sizes.values()), 16), 0.9 if step == 3 else 0.5, sizes))
+    assert [v.step for v in record.best[0.5]] == [3] and [v.step for v in record.best[0.8]] == [7]
+    config = dataclasses.replace(TINY, search=dataclasses.replace(TINY.search, budgets=(0.5, 0.8), top_l=1))
+    assert budget_candidates(config, record, 0.8)[0][0].step == 7
+    loosest = dataclasses.replace(config, search=dataclasses.replace(config.search, candidates_from="loosest"))
+    (candidate,), repaired = budget_candidates(loosest, record, 0.8)
+    assert not repaired and candidate.step == 3 and candidate.mean_q == 0.9
+    flat, before = torch.cat([candidate.sizes[s].long() for s in SIDES]), torch.cat([best[s] for s in SIDES])
+    assert candidate.sparsity >= 0.8 and int(flat.sum()) <= budget_for(90, 16, 0.8)
+    assert bool(((before[:, None] > before[None, :]) <= (flat[:, None] >= flat[None, :])).all())  # order kept
+    assert int(flat.sum()) > budget_for(90, 16, 0.85)  # shrunk just enough, not to the bottom
+    assert budget_candidates(loosest, record, 0.5)[0][0].sizes is best  # the loosest budget's own, untouched
+    filled = dataclasses.replace(loosest, search=dataclasses.replace(loosest.search, fill_budget=True))
+    (grown,), _ = budget_candidates(filled, record, 0.8)
+    assert int(sum(s.long().sum() for s in grown.sizes.values())) >= int(flat.sum())
 
 
 def test_states_and_rewards_follow_the_paper():
@@ -445,20 +464,20 @@ def test_a_state_saved_before_timing_reports_unknown_seconds(tmp_path, finished_
 @pytest.mark.parametrize("protocol", ["final", "train_only"])
 def test_a_candidate_shared_by_two_budgets_is_retrained_once(tmp_path, monkeypatch, protocol, caplog):
     """Under `final` the second budget reads the first one's retraining (same plan); `train_only` must retrain."""
-    from ciess_prod.search import search as search_module
+    from ciess_prod.search import selection
 
     config = dataclasses.replace(_tiny(tmp_path, budgets=(0.5, 0.8)), protocol=protocol)
     dataset = load_dataset(config.data, ROOT)
     sizes = {"user": torch.full((dataset.n_users,), 2, dtype=torch.int16),
              "item": torch.full((dataset.n_items,), 3, dtype=torch.int16)}
-    record = search_module.ConfigurationRecord(config.search.budgets, top_l=1)
-    record.add(search_module.Visited(4, 0.85, 0.6, sizes))  # meets both budgets
+    record = ConfigurationRecord(config.search.budgets, top_l=1)
+    record.add(Visited(4, 0.85, 0.6, sizes))  # meets both budgets
     fits = []
-    real_fit = search_module.fit_on_train
-    monkeypatch.setattr(search_module, "fit_on_train", lambda *a, **k: fits.append(1) or real_fit(*a, **k))
-    store = search_module.candidate_fits(config, dataset, tmp_path / "out")
-    first, _ = search_module.choose_plan(config, dataset, record, 0.5, store)
-    second, _ = search_module.choose_plan(config, dataset, record, 0.8, store)
+    real_fit = selection.fit_on_train
+    monkeypatch.setattr(selection, "fit_on_train", lambda *a, **k: fits.append(1) or real_fit(*a, **k))
+    store = selection.candidate_fits(config, dataset, tmp_path / "out")
+    first, _ = selection.choose_plan(config, dataset, record, 0.5, store)
+    second, _ = selection.choose_plan(config, dataset, record, 0.8, store)
     assert len(fits) == (1 if protocol == "final" else 2)
     assert second.metrics["selection"]["reused_fits"] == (1 if protocol == "final" else 0)
     assert second.metrics["val"] == first.metrics["val"] and second.metrics["test"] == first.metrics["test"]
@@ -467,7 +486,7 @@ def test_a_candidate_shared_by_two_budgets_is_retrained_once(tmp_path, monkeypat
     # a damaged entry is reported and retrained, then rewritten whole
     (entry,) = (tmp_path / "out" / "candidates").glob("*.json")
     entry.write_text('{"key": "')
-    third, _ = search_module.choose_plan(config, dataset, record, 0.8, store)
+    third, _ = selection.choose_plan(config, dataset, record, 0.8, store)
     assert len(fits) == (2 if protocol == "final" else 3)
     assert ("ignoring the unreadable candidate fit" in caplog.text) == (protocol == "final")  # train_only never reads
     assert third.metrics["test"] == first.metrics["test"]

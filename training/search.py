@@ -30,7 +30,8 @@ from ciess_prod.distributed.ctr import CTREnvironment, CTRSearchExperimentConfig
 from ciess_prod.distributed.environment import process_device  # noqa: E402
 from ciess_prod.distributed.recommender import RecEnvironment, ShardedSearchExperimentConfig  # noqa: E402
 from ciess_prod.distributed.search import run_sharded_search  # noqa: E402
-from ciess_prod.search.search import SearchExperimentConfig, run_search  # noqa: E402
+from ciess_prod.search.config import SearchExperimentConfig  # noqa: E402
+from ciess_prod.search.search import run_search  # noqa: E402
 
 
 def init_process_group(backend: str) -> None:

@@ -35,8 +35,8 @@ from ciess_prod.distributed.environment import (
 from ciess_prod.distributed.layout import route_to_owners
 from ciess_prod.distributed.sharding import ShardingConfig
 from ciess_prod.models.dlrm import DLRM, DLRMConfig
+from ciess_prod.search.config import SearchConfig
 from ciess_prod.search.plan import DimensionPlan
-from ciess_prod.search.search import SearchConfig
 
 
 # ---- configs -----------------------------------------------------------------------------------------------------

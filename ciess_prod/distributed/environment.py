@@ -21,7 +21,7 @@ from torch import nn
 from ciess_prod.distributed.layout import TableLayout, table_layouts
 from ciess_prod.distributed.rows import LocalShard, enforce_sizes, held_rows, init_shards, local_shards
 from ciess_prod.distributed.sharding import ShardingConfig, shard_model
-from ciess_prod.search.search import SearchConfig
+from ciess_prod.search.config import SearchConfig
 
 EBC = "ebc"  # the attribute holding the EmbeddingBagCollection in every sharded model
 

@@ -67,8 +67,9 @@ from ciess_prod.models.mf import MF
 from ciess_prod.models.neumf import NeuMF, NeuMFHead
 from ciess_prod.models.ngcf import NGCF, NGCFLayers
 from ciess_prod.models.sizes import mask_rows
+from ciess_prod.search.config import SearchExperimentConfig
 from ciess_prod.search.plan import DimensionPlan
-from ciess_prod.search.search import SearchExperimentConfig, model_meta
+from ciess_prod.search.selection import model_meta
 from ciess_prod.train.protocol import REPORT_KS, retrain_batches
 from ciess_prod.train.trainer import TrainConfig, learning_rate
 

@@ -48,9 +48,11 @@ from ciess_prod.distributed.layout import TableLayout
 from ciess_prod.io import write_json_atomic
 from ciess_prod.search.agent import TD3Agent
 from ciess_prod.search.buffer import ReplayBuffer
+from ciess_prod.search.config import SearchConfig
 from ciess_prod.search.exploration import Explorer
 from ciess_prod.search.plan import DimensionPlan, repair_to_budget
-from ciess_prod.search.search import SearchConfig, budget_dirs, build_states, known_mean_q
+from ciess_prod.search.search import build_states
+from ciess_prod.search.selection import budget_dirs, known_mean_q
 from ciess_prod.train.checkpoint import save_checkpoint
 
 log = logging.getLogger(__name__)

@@ -1,0 +1,68 @@
+"""The search's typed configs: what one search (SearchConfig) and one search experiment (data, model, training
+recipe, search, test protocol, output) are, checked where they are built."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from ciess_prod.experiment import DataConfig
+from ciess_prod.models import ModelConfig
+from ciess_prod.models.basis import ROTATABLE_KINDS
+from ciess_prod.search.agent import TD3Config
+from ciess_prod.search.environment import EnvironmentConfig
+from ciess_prod.search.exploration import ExplorationConfig
+from ciess_prod.train.protocol import Protocol
+from ciess_prod.train.trainer import TrainConfig
+
+
+@dataclass(frozen=True)
+class SearchConfig:
+    budgets: tuple[float, ...] = (0.8, 0.9, 0.95)  # target sparsities c served by one search [P]
+    episodes: int = 30  # M [P]
+    steps_per_episode: int = 10  # T [P] (the authors' code: 11)
+    size_penalty: float = 0.4  # lambda in r = q - lambda (d / d_max)^2; 0.4 best on ML-1M [P]
+    reward: Literal["paper", "code"] = "paper"  # code: raw eval - lambda ((d - 1) / d_max)^2 instead of q [C]
+    top_l: int = 3  # configurations per budget retrained to convergence [P]
+    fill_budget: bool = False  # grow each candidate by one common factor into its budget's slack (fill_to_budget) [I]
+    # budget: each budget's own top-l [P]; loosest: every budget takes the loosest budget's top-l (the search's best
+    # configurations), shrunk into it by repair_to_budget's common factor, which keeps their per-row allocation [I]
+    candidates_from: Literal["budget", "loosest"] = "budget"
+    replay_bytes: int = 256 << 20  # replay buffer bound per agent (bytes)
+    rows_per_step: int | None = None  # subsample this many rows per side into the buffer each step (large tables)
+    td3: TD3Config = field(default_factory=TD3Config)
+    exploration: ExplorationConfig = field(default_factory=ExplorationConfig)
+    environment: EnvironmentConfig = field(default_factory=EnvironmentConfig)
+    seed: int = 0  # seeds agents, exploration, buffers and every environment step
+
+    def __post_init__(self) -> None:
+        if not self.budgets or any(not 0.0 <= c < 1.0 for c in self.budgets):
+            raise ValueError(f"budgets must be sparsities in [0, 1), got {self.budgets}")
+        for name in ("episodes", "steps_per_episode", "top_l"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.size_penalty < 0:
+            raise ValueError(f"size_penalty must be >= 0, got {self.size_penalty}")
+        if self.rows_per_step is not None and self.rows_per_step < 1:
+            raise ValueError(f"rows_per_step must be >= 1 or null, got {self.rows_per_step}")
+
+
+@dataclass(frozen=True)
+class SearchExperimentConfig:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)  # reference model and final retraining recipe
+    search: SearchConfig = field(default_factory=SearchConfig)
+    protocol: Protocol = "final"  # how the chosen configuration is tested (same as the baselines)
+    output_dir: str = "runs/search"  # reference/, search_state.pt, plans/, models/, report/, search.json
+    reference_dir: str | None = None  # cached full-size reference; default <output_dir>/reference (shareable)
+
+    def __post_init__(self) -> None:
+        if self.search.environment.reference_basis == "principal" and self.model.kind not in ROTATABLE_KINDS:
+            raise ValueError(f"search.environment.reference_basis 'principal' keeps scores only for "
+                             f"{ROTATABLE_KINDS}, not {self.model.kind}")
+        impossible = [c for c in self.search.budgets if (1 - c) * self.model.d_max < 1]
+        if impossible:
+            raise ValueError(
+                f"search.budgets {impossible} leave less than one column per row at d_max {self.model.d_max}"
+            )

@@ -1,0 +1,45 @@
+"""The record of visited configurations: per budget, the top-l configurations meeting it by mean q, and the sparsest
+one visited (the repair's starting point). The search writes it; the plan selection reads it."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+
+@dataclass
+class Visited:
+    step: int
+    sparsity: float
+    mean_q: float
+    sizes: dict[str, torch.Tensor]  # side -> int16 [rows]
+
+
+class ConfigurationRecord:
+    """Top-l visited configurations per budget by mean q, plus the sparsest one (the repair's starting point)."""
+
+    def __init__(self, budgets: tuple[float, ...], top_l: int) -> None:
+        self.budgets, self.top_l = budgets, top_l
+        self.best: dict[float, list[Visited]] = {c: [] for c in budgets}
+        self.sparsest: Visited | None = None
+
+    def add(self, visited: Visited) -> None:
+        for c in self.budgets:
+            if visited.sparsity >= c:
+                kept = sorted([*self.best[c], visited], key=lambda v: (-v.mean_q, v.step))
+                self.best[c] = kept[: self.top_l]
+        if self.sparsest is None or visited.sparsity > self.sparsest.sparsity:
+            self.sparsest = visited
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "best": {str(c): [dataclasses.asdict(v) for v in vs] for c, vs in self.best.items()},
+            "sparsest": dataclasses.asdict(self.sparsest) if self.sparsest else None,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.best = {c: [Visited(**v) for v in state["best"][str(c)]] for c in self.budgets}
+        self.sparsest = Visited(**state["sparsest"]) if state["sparsest"] else None

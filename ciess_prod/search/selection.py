@@ -1,0 +1,293 @@
+"""Choosing each budget's plan from a finished search's record: its candidates (top-l, filled, or repaired), their
+retraining on train (stored by what determines them), the best on validation tested under the baselines' protocol,
+and the worker processes that do this in parallel."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import multiprocessing
+import time
+from collections.abc import Sequence
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ciess_prod.config import ConfigError, from_dict, to_dict
+from ciess_prod.data import RecDataset
+from ciess_prod.experiment import load_dataset
+from ciess_prod.models import SIDES, Recommender, build_model, sparsity
+from ciess_prod.search.candidates import CandidateFit, CandidateFits, fit_key
+from ciess_prod.search.config import SearchExperimentConfig
+from ciess_prod.search.plan import MANIFEST_NAME, DimensionPlan, fill_to_budget, repair_to_budget
+from ciess_prod.search.record import ConfigurationRecord, Visited
+from ciess_prod.train.checkpoint import save_checkpoint
+from ciess_prod.train.protocol import fit_on_train, score_with_protocol
+
+log = logging.getLogger(__name__)
+
+
+def retrain_budget(
+    config: SearchExperimentConfig, dataset: RecDataset, record: ConfigurationRecord, c: float
+) -> DimensionPlan:
+    """Chooses and saves budget c's plan and the model it was tested with (the model first: a saved plan implies
+    its model)."""
+    out = Path(config.output_dir)
+    path, model_path = budget_dirs(out, c)
+    plan, model = choose_plan(config, dataset, record, c, candidate_fits(config, dataset, out))
+    save_checkpoint(model_path, model, model_meta(config, plan))
+    plan.save(path)
+    return plan
+
+
+def _worker_logging(threads: int, log_level: int, label: str) -> None:
+    torch.set_num_threads(threads)
+    # force: an import may already have given the fresh process's root logger a handler, which would mute this one
+    logging.basicConfig(level=log_level, format=f"%(asctime)s %(levelname)s [{label}] %(message)s", force=True)
+
+
+def _fit_worker(
+    config: SearchExperimentConfig, base_dir: Path | None, sizes: dict[str, torch.Tensor], label: str, threads: int,
+    log_level: int,
+) -> None:
+    """One candidate's retraining on train in a spawned process; its outcome goes to the search's fit store."""
+    _worker_logging(threads, log_level, label)
+    dataset = load_dataset(config.data, base_dir)
+    log.info("retraining a candidate (%s)", summarise_sizes(sizes))
+    fit_candidate(config, dataset, sizes, candidate_fits(config, dataset, Path(config.output_dir)))
+
+
+def _retrain_worker(
+    config: SearchExperimentConfig, base_dir: Path | None, record: ConfigurationRecord, c: float, threads: int,
+    log_level: int,
+) -> None:
+    """One budget's fits and test in a spawned process."""
+    _worker_logging(threads, log_level, f"c={c:.2f}")
+    retrain_budget(config, load_dataset(config.data, base_dir), record, c)
+
+
+def retrain_in_workers(
+    config: SearchExperimentConfig,
+    base_dir: Path | None,
+    dataset: RecDataset,
+    record: ConfigurationRecord,
+    budgets: Sequence[float],
+    workers: int,
+) -> None:
+    """Retrains ``budgets`` in up to ``workers`` spawned processes sharing this process's threads.
+
+    Under ``final`` the unit of work is one candidate's fit, not one budget: every budget's unfitted candidates
+    (each distinct one once) are queued first, and a budget's test protocol is queued as soon as its candidates are
+    fitted, reading their outcomes from the fit store. Three budgets on two workers then leave no worker idle for a
+    whole budget. ``train_only`` tests the fitted weights, so there each budget is one unit. A failure is raised
+    here, naming its budgets, after the other work has finished (their plans stay saved).
+    """
+    store = candidate_fits(config, dataset, Path(config.output_dir))
+    errors: dict[float, BaseException] = {}
+    waiting: dict[float, set[str]] = {}  # budget -> keys of the candidate fits it waits for
+    to_fit: dict[str, tuple[str, dict[str, torch.Tensor]]] = {}  # key -> (the first budget needing it, sizes)
+    for c in budgets:
+        waiting[c] = set()
+        if config.protocol != "final":
+            continue
+        try:
+            candidates, _ = budget_candidates(config, record, c)
+        except Exception as error:  # noqa: BLE001 - reported with its budget below, like a worker's
+            errors[c] = error
+            continue
+        for candidate in candidates:
+            key = fit_key(store.recipe, candidate.sizes)
+            if key in to_fit or store.get(candidate.sizes) is None:
+                to_fit.setdefault(key, (f"c={c:.2f}", candidate.sizes))
+                waiting[c].add(key)
+    ready = [c for c in budgets if c not in errors and not waiting[c]]
+    workers = min(workers, max(len(to_fit), len(budgets) - len(errors), 1))
+    threads = max(1, torch.get_num_threads() // workers)
+    level = logging.getLogger().getEffectiveLevel()
+    log.info("retraining budgets %s in %d processes of %d thread(s) each: %d candidate fit(s), then the tests",
+             list(budgets), workers, threads, len(to_fit))
+    context = multiprocessing.get_context("spawn")  # no fork of a process holding torch's thread pools
+    with ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool:
+        running: dict[Future, tuple[str, Any]] = {
+            pool.submit(_fit_worker, config, base_dir, sizes, label, threads, level): ("fit", key)
+            for key, (label, sizes) in to_fit.items()
+        }
+        while ready or running:
+            for c in ready:
+                running[pool.submit(_retrain_worker, config, base_dir, record, c, threads, level)] = ("budget", c)
+            ready = []
+            done, _ = wait(running, return_when=FIRST_COMPLETED)
+            for job in done:
+                kind, what = running.pop(job)
+                error = job.exception()
+                if kind == "budget":
+                    if error is not None:
+                        errors[what] = error
+                    continue
+                for c, keys in waiting.items():
+                    if what in keys:
+                        keys.discard(what)
+                        if error is not None:
+                            errors.setdefault(c, error)
+                        elif not keys and c not in errors:
+                            ready.append(c)
+    if errors:
+        raise RuntimeError(f"retraining failed for budgets {sorted(errors)}: "
+                           + "; ".join(f"c={c}: {error!r}" for c, error in sorted(errors.items())))
+
+
+def summarise_sizes(sizes: dict[str, torch.Tensor]) -> str:
+    return ", ".join(f"{s} mean size {sizes[s].double().mean().item():.1f}" for s in SIDES)
+
+
+def candidate_fits(config: SearchExperimentConfig, dataset: RecDataset, out: Path) -> CandidateFits:
+    """The search's store of candidate retrainings, keyed by everything a retraining on train depends on."""
+    recipe = {"data": dataset.fingerprint, "model": to_dict(config.model), "train": to_dict(config.train)}
+    return CandidateFits(out / "candidates", recipe)
+
+
+def known_mean_q(mean_q: float) -> dict[str, float]:
+    """The selection's mean q, left out for a repaired plan (its sizes were never visited, so never measured)."""
+    return {"mean_q": mean_q} if math.isfinite(mean_q) else {}
+
+
+def budget_dirs(out: Path, c: float) -> tuple[Path, Path]:
+    """Where budget c's plan and the model it was tested with are saved."""
+    return out / "plans" / f"c{c:.2f}", out / "models" / f"c{c:.2f}"
+
+
+def model_meta(config: SearchExperimentConfig, plan: DimensionPlan) -> dict[str, Any]:
+    """Checkpoint metadata in the shape ``ciess train`` writes, so evaluation and the compressor rebuild it alike."""
+    experiment = {"data": to_dict(config.data), "model": to_dict(config.model), "train": to_dict(config.train)}
+    experiment["protocol"] = config.protocol
+    metrics = {"dataset_fingerprint": plan.dataset_fingerprint, **plan.metrics}
+    return {"config": experiment, "metrics": metrics, "plan_target_sparsity": plan.target_sparsity}
+
+
+def finished_plan(
+    path: Path, model_path: Path, config: SearchExperimentConfig, dataset: RecDataset
+) -> DimensionPlan | None:
+    """The plan an interrupted run already chose for this budget, if it belongs to this search."""
+    if not (path / MANIFEST_NAME).is_file() or not (model_path / "checkpoint.json").is_file():
+        return None
+    plan = DimensionPlan.load(path)
+    try:  # through the dataclass, so keys added since the plan was written count at their defaults
+        saved = to_dict(from_dict(type(config), plan.config))
+    except ConfigError:
+        return None
+    if plan.dataset_fingerprint != dataset.fingerprint or saved != to_dict(config):
+        return None
+    log.info("reusing the plan already chosen in %s", path)
+    return plan
+
+
+def budget_candidates(
+    config: SearchExperimentConfig, record: ConfigurationRecord, c: float
+) -> tuple[list[Visited], bool]:
+    """Budget c's candidates and whether they were repaired.
+
+    The candidates are its own top-l visited configurations, or under ``candidates_from: loosest`` the loosest
+    budget's, shrunk into c by one common factor where they exceed it; under ``fill_budget`` each then grows into
+    the budget's unused part. When no candidate was visited, the sparsest visited configuration is shrunk into c
+    and the plan is marked repaired.
+    """
+    d_max, search = config.model.d_max, config.search
+    candidates = record.best[min(search.budgets) if search.candidates_from == "loosest" else c]
+    if not candidates:  # nothing visited fits: shrink the sparsest visited configuration (order kept)
+        if record.sparsest is None:
+            raise RuntimeError("the search visited no configuration")
+        return [dataclasses.replace(shrunk(record.sparsest, d_max, c), step=-1, mean_q=float("nan"))], True
+    candidates = [v if v.sparsity >= c else shrunk(v, d_max, c) for v in candidates]
+    if search.fill_budget:  # visited configurations may leave part of the budget unused
+        candidates = [
+            dataclasses.replace(v, sizes=fill_to_budget(v.sizes, d_max, c), sparsity=float("nan")) for v in candidates
+        ]
+    return candidates, False
+
+
+def shrunk(visited: Visited, d_max: int, c: float) -> Visited:
+    """A visited configuration scaled into budget c by ``repair_to_budget``; its step and measured mean q are kept."""
+    sizes = repair_to_budget(visited.sizes, d_max, c)
+    return dataclasses.replace(visited, sizes=sizes, sparsity=sparsity(list(sizes.values()), d_max))
+
+
+def sized_model(config: SearchExperimentConfig, sizes: dict[str, torch.Tensor]):
+    """A ``make_model`` for the training protocols: a fresh model of the config's kind with these per-row sizes."""
+
+    def make(d: RecDataset) -> Recommender:
+        model = build_model(config.model, d.n_users, d.n_items, d.train)
+        for s in SIDES:
+            model.set_row_sizes(s, sizes[s])
+        return model
+
+    return make
+
+
+def fit_candidate(
+    config: SearchExperimentConfig, dataset: RecDataset, sizes: dict[str, torch.Tensor], fits: CandidateFits
+) -> tuple[Recommender, CandidateFit]:
+    """Retrains one candidate on train with early stopping and stores its outcome."""
+    fitted, result, val = fit_on_train(dataset, sized_model(config, sizes), config.train)
+    fit = CandidateFit(val=val, best_batches=result.best_batches, seconds=result.seconds)
+    fits.put(sizes, fit)
+    return fitted, fit
+
+
+def choose_plan(
+    config: SearchExperimentConfig, dataset: RecDataset, record: ConfigurationRecord, c: float, fits: CandidateFits
+) -> tuple[DimensionPlan, Recommender]:
+    """Retrains the budget's top-l configurations, keeps the best on validation, tests it under the protocol.
+
+    Returns the plan and the model it was tested with (under ``final``: retrained on train+validation). ``fits``
+    holds the retrainings done before, for this budget, another, or a worker.
+    """
+    d_max = config.model.d_max
+    candidates, repaired = budget_candidates(config, record, c)
+    # `final` retrains the chosen sizes on train+validation, so a fit known from its outcome serves as well as one
+    # in memory; `train_only` tests the fitted weights, so it always retrains.
+    reads_fits = config.protocol == "final"
+    best, reused, fit_seconds = None, 0, 0.0
+    for candidate in candidates:
+        fitted, fit = None, fits.get(candidate.sizes) if reads_fits else None
+        if fit is None:
+            fitted, fit = fit_candidate(config, dataset, candidate.sizes, fits)
+        else:
+            reused += 1
+        fit_seconds += fit.seconds
+        log.info("budget %.2f: candidate from step %d%s val %s", c, candidate.step,
+                 " (retrained before)" if fitted is None else "", fit.val)
+        if best is None or fit.val["recall@20"] > best[1].val["recall@20"]:
+            best = (candidate, fit, fitted)
+    candidate, fit, fitted = best
+    started = time.perf_counter()
+    model, _, test = score_with_protocol(
+        dataset, sized_model(config, candidate.sizes), config.train, config.protocol, fitted, fit.best_batches
+    )
+    test_seconds = time.perf_counter() - started
+    plan = DimensionPlan(
+        sizes={s: candidate.sizes[s].to(torch.int16) for s in SIDES},
+        d_max=d_max,
+        model=config.model.kind,
+        dataset_fingerprint=dataset.fingerprint,
+        target_sparsity=c,
+        metrics={
+            "val": fit.val,
+            "test": test,
+            "selection": {
+                "step": candidate.step,
+                **known_mean_q(candidate.mean_q),
+                "best_batches": fit.best_batches,
+                "reused_fits": reused,  # candidates whose retraining another budget, run or worker had already done
+                # its candidates' fits (as timed when they ran, whoever ran them; a fit two budgets share counts in
+                # both) plus the test protocol: a sum of work, not the wall time of parallel workers
+                "retrain_seconds": fit_seconds + test_seconds,
+            },
+        },
+        seed=config.search.seed,
+        config=to_dict(config),
+        repaired=repaired,
+    )
+    return plan, model
