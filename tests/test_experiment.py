@@ -142,8 +142,14 @@ def test_committed_configs_load():
         else:
             kind = SearchExperimentConfig if "search" in raw else ExperimentConfig
         assert isinstance(load_yaml(kind, path), kind), path
-        if kind is SearchExperimentConfig:  # every search config runs sharded as well
+        if kind is SearchExperimentConfig and path.name in SINGLE_PROCESS_ONLY:  # refused sharded, with the reason
+            with pytest.raises(ConfigError, match="not supported by the sharded search"):
+                load_yaml(ShardedSearchExperimentConfig, path)
+        elif kind is SearchExperimentConfig:  # every other search config runs sharded as well
             assert isinstance(load_yaml(ShardedSearchExperimentConfig, path), ShardedSearchExperimentConfig), path
+
+
+SINGLE_PROCESS_ONLY = {"ml1m-search-scaled.yaml"}  # search.fill_budget and candidates_from: one process only
 
 
 def test_cli_fetch_fails_cleanly_offline(tmp_path, capsys, monkeypatch):
@@ -167,6 +173,7 @@ def test_split_config_is_honoured():
 @pytest.mark.parametrize(("change", "message"), [
     ({"environment": {"item_quality": "hits"}}, "item_quality 'hits' is not supported by the sharded search"),
     ({"fill_budget": True}, "fill_budget and search.reward 'code' are not supported"),
+    ({"candidates_from": "loosest"}, "candidates_from 'loosest' is not supported by the sharded search"),
 ])
 def test_the_ctr_search_refuses_single_process_only_options(change, message):
     from ciess_prod.distributed.ctr import CTRSearchExperimentConfig

@@ -37,6 +37,8 @@ def refuse_unsupported(search: SearchConfig) -> None:
     """The single-process search's options that the sharded search does not implement, refused before any work."""
     if search.fill_budget or search.reward != "paper":
         raise ValueError("search.fill_budget and search.reward 'code' are not supported by the sharded search")
+    if search.candidates_from != "budget":
+        raise ValueError("search.candidates_from 'loosest' is not supported by the sharded search")
     if search.environment.item_quality != "users":
         raise ValueError("search.environment.item_quality 'hits' is not supported by the sharded search (the "
                          "sharded ranking does not count item hits)")
