@@ -322,14 +322,19 @@ def test_cli_and_torchrun_entry_points(tmp_path):
     assert DimensionPlan.load(tmp_path / "cli" / "plans" / "c0.50").fits_budget()
 
 
-def test_budgets_retrained_by_separate_processes(tmp_path, finished_search):
-    """Two runs on one finished search, each retraining some budgets, give the plans one run gives."""
+def _steps_of(finished: SearchExperimentConfig, out: Path, **changes) -> SearchExperimentConfig:
+    """A copy of a finished search's steps (reference and state) in ``out``, so a test can retrain it its own way."""
     import shutil
 
+    shutil.copytree(Path(finished.output_dir) / "reference", out / "reference")
+    shutil.copyfile(Path(finished.output_dir) / STATE_FILE, out / STATE_FILE)
+    return dataclasses.replace(finished, output_dir=str(out), **changes)
+
+
+def test_budgets_retrained_by_separate_processes(tmp_path, finished_search):
+    """Two runs on one finished search, each retraining some budgets, give the plans one run gives."""
     config, _ = finished_search
-    split = dataclasses.replace(config, output_dir=str(tmp_path / "split"))
-    shutil.copytree(Path(config.output_dir) / "reference", Path(split.output_dir) / "reference")
-    shutil.copyfile(Path(config.output_dir) / STATE_FILE, Path(split.output_dir) / STATE_FILE)
+    split = _steps_of(config, tmp_path / "split")
     first, *rest = config.search.budgets
     partial = run_search(split, resume=True, retrain_budgets=[first])
     assert partial == {"finished": False, "completed_steps": 6, "pending_budgets": rest}
@@ -346,13 +351,10 @@ def test_budgets_retrained_by_separate_processes(tmp_path, finished_search):
 def test_budgets_retrained_by_worker_processes(tmp_path, finished_search, caplog, capfd):
     """retrain_workers spawns processes that retrain the budgets at once and give the plans one process gives."""
     import logging
-    import shutil
 
     caplog.set_level(logging.INFO)  # the workers log at the caller's level
     config, _ = finished_search
-    parallel = dataclasses.replace(config, output_dir=str(tmp_path / "workers"))
-    shutil.copytree(Path(config.output_dir) / "reference", Path(parallel.output_dir) / "reference")
-    shutil.copyfile(Path(config.output_dir) / STATE_FILE, Path(parallel.output_dir) / STATE_FILE)
+    parallel = _steps_of(config, tmp_path / "workers")
     summary = run_search(parallel, resume=True, retrain_workers=2)
     assert summary["finished"] and set(summary["plans"]) == {f"{c:.2f}" for c in config.search.budgets}
     for c in config.search.budgets:
@@ -381,13 +383,10 @@ def test_budgets_retrained_by_worker_processes(tmp_path, finished_search, caplog
 def test_train_only_workers_retrain_whole_budgets(tmp_path, finished_search, caplog):
     """`train_only` tests the fitted weights, which a fit store does not keep: each worker fits its own budget."""
     import logging
-    import shutil
 
     caplog.set_level(logging.INFO)
     config, _ = finished_search
-    weights = dataclasses.replace(config, output_dir=str(tmp_path / "train-only"), protocol="train_only")
-    shutil.copytree(Path(config.output_dir) / "reference", Path(weights.output_dir) / "reference")
-    shutil.copyfile(Path(config.output_dir) / STATE_FILE, Path(weights.output_dir) / STATE_FILE)
+    weights = _steps_of(config, tmp_path / "train-only", protocol="train_only")
     summary = run_search(weights, resume=True, retrain_workers=2)
     assert summary["finished"] and "0 candidate fit(s), then the tests" in caplog.text
     for c in config.search.budgets:
@@ -397,11 +396,8 @@ def test_train_only_workers_retrain_whole_budgets(tmp_path, finished_search, cap
 
 def test_a_failed_worker_names_its_budget(tmp_path, finished_search):
     """A worker's error reaches the caller with its budget; a budget whose worker succeeded keeps its plan."""
-    import shutil
-
     config, _ = finished_search
-    broken = dataclasses.replace(config, output_dir=str(tmp_path / "broken"))
-    shutil.copytree(Path(config.output_dir) / "reference", Path(broken.output_dir) / "reference")
+    broken = _steps_of(config, tmp_path / "broken")
     state = torch.load(Path(config.output_dir) / STATE_FILE, weights_only=True)
     state["record"]["best"]["0.80"] = []  # no candidate and ...
     state["record"]["sparsest"] = None  # ... nothing to repair from: c = 0.80 (and 0.93, repaired) cannot be chosen
@@ -424,14 +420,9 @@ def test_retrain_budgets_refuses_what_it_cannot_do(tmp_path, finished_search):
 
 
 def test_cli_retrains_budgets_in_groups(tmp_path, finished_search, capsys):
-    import shutil
-
     from ciess_prod.cli import main
 
-    config, _ = finished_search
-    config = dataclasses.replace(config, output_dir=str(tmp_path / "cli-split"))
-    shutil.copytree(Path(finished_search[0].output_dir) / "reference", Path(config.output_dir) / "reference")
-    shutil.copyfile(Path(finished_search[0].output_dir) / STATE_FILE, Path(config.output_dir) / STATE_FILE)
+    config = _steps_of(finished_search[0], tmp_path / "cli-split")
     path = tmp_path / "search.yaml"
     path.write_text(yaml.safe_dump(to_dict(config)))
     assert main(["search", "--config", str(path), "--resume", "--retrain-budgets", "0.5", "0.93"]) == 0
@@ -446,11 +437,8 @@ def test_cli_retrains_budgets_in_groups(tmp_path, finished_search, capsys):
 
 def test_a_state_saved_before_timing_reports_unknown_seconds(tmp_path, finished_search):
     """An older search_state.pt has no "seconds": search.json says null, not NaN or 0."""
-    import shutil
-
     config, _ = finished_search
-    old = dataclasses.replace(config, output_dir=str(tmp_path / "old"))
-    shutil.copytree(Path(config.output_dir) / "reference", Path(old.output_dir) / "reference")
+    old = _steps_of(config, tmp_path / "old")
     state = torch.load(Path(config.output_dir) / STATE_FILE, weights_only=True)
     del state["seconds"]
     torch.save(state, Path(old.output_dir) / STATE_FILE)
