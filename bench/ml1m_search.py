@@ -4,7 +4,8 @@ Appends to bench/results/ml1m.jsonl one row per budget and method, with the same
 bench/ml1m_baselines.py plus `search_seconds`, `retrain_seconds` (summed over resumed runs; `wall_seconds` is their sum)
 and `peak_rss_mb`. Methods: `ciess`, `ciess_no_walk`, `mr`, `freq`, `ciess_fill` (the finished `ciess` search
 retrained with `search.fill_budget`) and `ciess_scaled` (retrained with every budget taking the loosest budget's
-best configurations, shrunk into it and filled: `search.candidates_from: loosest`). `--size-penalty`, `--gamma`,
+best configurations, shrunk into it and filled: `search.candidates_from: loosest`); with `--own-steps` these two run
+their own steps, so that one process times a whole search. `--size-penalty`, `--gamma`,
 `--item-quality`, `--random-steps` and `--reference-basis` run them at another lambda, TD3 discount, eval(item),
 random warm-up or warm reference basis (rows record them as `size_penalty`, `gamma`, `item_quality`,
 `random_steps` and `reference_basis`). Every row is tested under the same protocol as the `es` rows
@@ -161,6 +162,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--retrain-workers", type=positive_int, default=1, metavar="N",
                         help="searches: fit the candidates and test the budgets in N processes at once (rows record "
                              "it, and process_seconds: this process's wall time)")
+    parser.add_argument("--own-steps", action="store_true",
+                        help="ciess_fill, ciess_scaled: run their own search steps instead of copying the `ciess` "
+                             "search's, so that process_seconds times a whole search (rows record it as own_steps)")
     parser.add_argument("--budgets", type=float, nargs="+", help="mr/freq: only these budgets (default: the config's)")
     parser.add_argument("--size-penalty", type=float, metavar="LAMBDA",
                         help="searches: this lambda instead of the config's, in <output_dir>-lambda<LAMBDA> (the rows "
@@ -191,10 +195,11 @@ def main(argv: list[str] | None = None) -> int:
         if method in SEARCHES:
             config = variant(searched, method)
             config = dataclasses.replace(config, output_dir=str(ROOT / config.output_dir))
-            if method in RETRAINED:
+            reused = method in RETRAINED and not args.own_steps
+            if reused:
                 reuse_search_state(ROOT / searched.output_dir, Path(config.output_dir),
                                    searched.search.episodes * searched.search.steps_per_episode)
-            summary = run_search(config, base_dir=ROOT, resume=args.resume or method in RETRAINED,
+            summary = run_search(config, base_dir=ROOT, resume=args.resume or reused,
                                  retrain_budgets=args.retrain_budgets, retrain_workers=args.retrain_workers)
             if not summary["finished"]:  # the process retraining the last pending budget writes the rows
                 print(f"{method}: budgets {summary['pending_budgets']} are left to other processes")
@@ -208,7 +213,8 @@ def main(argv: list[str] | None = None) -> int:
                              item_quality=config.search.environment.item_quality,
                              random_steps=config.search.exploration.random_steps,
                              reference_basis=config.search.environment.reference_basis,
-                             retrain_workers=args.retrain_workers, process_seconds=seconds(summary["process_seconds"]))
+                             retrain_workers=args.retrain_workers, process_seconds=seconds(summary["process_seconds"]),
+                             own_steps=not reused)
                 append_jsonl(args.results, record)
                 print_row(record)
             continue
