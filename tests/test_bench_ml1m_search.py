@@ -264,3 +264,24 @@ def test_own_size_table_orders_buckets_by_size(monkeypatch, capsys):
     assert lines[0].startswith("| side | protocol | basis | batches | seed | q [1,4) | q [4,8) | q [16,32) |")
     assert lines[2] == "| item | warm | trained | 40 | 0 | 0.500 | - | 0.900 | 0.200 / - / 0.800 | ccccccc |"
     assert lines[3].startswith("| item | warm | principal |")
+
+
+def test_own_steps_times_a_whole_scaled_search_without_the_ciess_run(tmp_path, one_torch_thread):
+    from bench.ml1m_search import main
+
+    config = dataclasses.replace(TINY, output_dir=str(tmp_path / "run"))
+    path = tmp_path / "search.yaml"
+    path.write_text(yaml.safe_dump(to_dict(config)))
+    results = tmp_path / "ml1m.jsonl"
+    with pytest.raises(SystemExit, match="run --methods ciess first"):  # without the flag it copies `ciess`'s steps
+        main(["--config", str(path), "--methods", "ciess_scaled", "--results", str(results)])
+    assert main(["--config", str(path), "--methods", "ciess_scaled", "--own-steps", "--results", str(results)]) == 0
+    # the steps ran in the variant's own directory; the base's holds only the shared reference model
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["reference"]
+    steps = TINY.search.episodes * TINY.search.steps_per_episode
+    assert torch.load(tmp_path / "run-scaled" / STATE_FILE, weights_only=True)["step"] == steps
+    rows = [json.loads(line) for line in results.read_text().splitlines()]
+    assert [(r["method"], r["target_sparsity"], r["own_steps"]) for r in rows] == [
+        ("ciess_scaled", c, True) for c in TINY.search.budgets]
+    for r in rows:
+        assert 0 < r["search_seconds"] <= r["process_seconds"]  # the steps ran in this process
