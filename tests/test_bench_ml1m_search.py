@@ -59,6 +59,9 @@ def test_another_lambda_or_gamma_searches_in_its_own_directory_with_the_shared_r
     assert principal.search.environment.reference_basis == "principal" and principal.search.environment.protocol == \
         base.search.environment.protocol
     assert with_search_settings(base, reference_basis="trained") is base
+    probed = with_search_settings(base, probe_top=4)
+    assert probed.output_dir == "/data/run-probe4" and probed.search.probe_top == 4
+    assert probed.reference_dir == "/data/run/reference" and with_search_settings(base, probe_top=0) is base
 
 
 def test_reuse_refuses_a_search_whose_steps_are_unfinished(tmp_path):
@@ -193,6 +196,7 @@ def test_search_diagnosis_measures_the_random_warm_up(tmp_path, one_torch_thread
     ("--item-quality", "rank", "invalid choice: 'rank'"),
     ("--random-steps", "-1", "--random-steps must be >= 0"),
     ("--retrain-workers", "0", "expected an integer >= 1"),
+    ("--probe-top", "-1", "--probe-top must be 0 or >= the config's top_l"),
 ])
 def test_a_bad_lambda_or_gamma_is_refused_before_any_work(flag, value, message, capsys):
     from bench.ml1m_search import main
@@ -287,3 +291,38 @@ def test_own_steps_times_a_whole_scaled_search_without_the_ciess_run(tmp_path, o
         ("ciess_scaled", c, True) for c in TINY.search.budgets]
     for r in rows:
         assert 0 < r["search_seconds"] <= r["process_seconds"]  # the steps ran in this process
+
+
+def test_probe_ranking_probes_the_pool_and_fits_both_picks_once(tmp_path, one_torch_thread, capsys):
+    """bench/probe_ranking.py probes the record's pool, fully fits the probe's and mean q's picks into the search's
+    stores (read back, not rerun, the second time), and records both picks' full recall."""
+    from bench.probe_ranking import main as probe_ranking
+
+    config = dataclasses.replace(TINY, search=dataclasses.replace(TINY.search, top_l=3),
+                                 output_dir=str(tmp_path / "run"))
+    run_search(config)
+    config_file = tmp_path / "search.yaml"
+    config_file.write_text(yaml.safe_dump(to_dict(config)))
+    results = tmp_path / "probe.jsonl"
+    args = [str(tmp_path / "run"), "--config", str(config_file), "--pool", "3", "--probe-batches", "20",
+            "--results", str(results)]
+    assert probe_ranking([*args, "--workers", "2"]) == 0
+    stored = sorted((tmp_path / "run" / "candidates").glob("*.json"))
+    (first,) = [json.loads(line) for line in results.read_text().splitlines()]
+    assert first["pool"] == 3 and first["probe_batches"] == 20 and first["budget"] == 0.5
+    entries = first["configurations"]
+    assert [e["mean_q"] for e in entries] == sorted((e["mean_q"] for e in entries), reverse=True)
+    assert all(0 <= e["probe_recall@20"] <= 1 and e["probe_best_batches"] <= 20 for e in entries)
+    by_probe = max(entries, key=lambda e: e["probe_recall@20"])
+    assert first["probe_pick_step"] == by_probe["step"] and first["q_pick_step"] == entries[0]["step"]
+    assert first["q_pick_full_recall@20"] == entries[0]["full_recall@20"]
+    assert first["probe_pick_full_recall@20"] == by_probe["full_recall@20"]
+    assert sum("full_recall@20" in e for e in entries) == len({by_probe["step"], entries[0]["step"]})
+    assert "probe's pick: step" in capsys.readouterr().out
+    assert probe_ranking(args) == 0  # everything is read from the stores
+    assert sorted((tmp_path / "run" / "candidates").glob("*.json")) == stored
+    second = json.loads(results.read_text().splitlines()[1])
+    assert second["configurations"] == entries  # the seconds too: the stored fits, not new ones
+    with pytest.raises(SystemExit):
+        probe_ranking([str(tmp_path / "nothing"), "--config", str(config_file), "--results", str(results)])
+    assert "search_state.pt does not exist" in capsys.readouterr().err

@@ -182,7 +182,7 @@ def test_candidates_from_the_loosest_budget_keep_its_allocation():
     gen = torch.Generator().manual_seed(0)
     best = {"user": torch.randint(1, 17, (50,), generator=gen), "item": torch.randint(1, 5, (40,), generator=gen)}
     own = {"user": torch.full((50,), 2), "item": torch.full((40,), 2)}
-    record = ConfigurationRecord((0.5, 0.8), top_l=1)
+    record = ConfigurationRecord((0.5, 0.8), keep=1)
     for step, sizes in ((3, best), (7, own)):
         record.add(Visited(step, sparsity(list(sizes.values()), 16), 0.9 if step == 3 else 0.5, sizes))
     assert [v.step for v in record.best[0.5]] == [3] and [v.step for v in record.best[0.8]] == [7]
@@ -199,6 +199,69 @@ def test_candidates_from_the_loosest_budget_keep_its_allocation():
     filled = dataclasses.replace(loosest, search=dataclasses.replace(loosest.search, fill_budget=True))
     (grown,), _ = budget_candidates(filled, record, 0.8)
     assert int(sum(s.long().sum() for s in grown.sizes.values())) >= int(flat.sum())
+
+
+def test_probes_rank_the_candidates_by_a_short_retraining(tmp_path):
+    """`probe_top`: the best `probe_top` by mean q are ranked by their probes' validation recall, and the top-l of
+    that order are the candidates; under `loosest` every budget ranks by the loosest budget's probes."""
+    from ciess_prod.search.candidates import CandidateFit, CandidateFits
+    from ciess_prod.search.selection import probe_pool
+
+    with pytest.raises(ValueError, match="probe_top must be 0 or >= top_l"):
+        SearchConfig(top_l=2, probe_top=1)
+    with pytest.raises(ValueError, match="probe_batches must be >= 1"):
+        SearchConfig(probe_batches=0)
+    assert SearchConfig(top_l=2, probe_top=5).recorded == 5 and SearchConfig(top_l=2).recorded == 2
+    record = ConfigurationRecord((0.5, 0.8), keep=3)
+    for step, size, q in ((1, 3, 0.9), (2, 2, 0.8), (3, 1, 0.7), (4, 1, 0.6)):  # all meet both budgets (d_max 16)
+        record.add(Visited(step, 1 - size / 16, q, {"user": torch.full((5,), size), "item": torch.full((4,), size)}))
+    assert [v.step for v in record.best[0.5]] == [1, 2, 3]  # the 4th is outside the pool
+    config = dataclasses.replace(TINY, search=dataclasses.replace(TINY.search, budgets=(0.5, 0.8), top_l=2,
+                                                                  probe_top=3))
+    probes = CandidateFits(tmp_path / "probes", {"probe": True})
+    with pytest.raises(ValueError, match="pass the probe store"):
+        budget_candidates(config, record, 0.8)
+    with pytest.raises(RuntimeError, match="step 1 has no probe"):
+        budget_candidates(config, record, 0.8, probes)
+    for visited, recall in zip(probe_pool(config, record, 0.8), (0.10, 0.30, 0.20), strict=True):
+        probes.put(visited.sizes, CandidateFit(val={"recall@20": recall}, best_batches=20, seconds=1.0))
+    ranked, repaired = budget_candidates(config, record, 0.8, probes)
+    assert [v.step for v in ranked] == [2, 3] and not repaired  # by probe, not by mean q (1, 2)
+    loosest = dataclasses.replace(config, search=dataclasses.replace(config.search, candidates_from="loosest"))
+    assert [v.step for v in probe_pool(loosest, record, 0.8)] == [1, 2, 3]  # the loosest budget's, at 0.5
+    for visited, recall in zip(probe_pool(loosest, record, 0.8), (0.40, 0.10, 0.20), strict=True):
+        probes.put(visited.sizes, CandidateFit(val={"recall@20": recall}, best_batches=20, seconds=1.0))
+    assert [v.step for v in budget_candidates(loosest, record, 0.8, probes)[0]] == [1, 3]
+
+
+def test_probed_search_retrains_each_probe_once_in_one_process_or_workers(tmp_path, monkeypatch):
+    """A search with probes chooses the same plans in one process and in workers; every probe runs once, for at
+    most `probe_batches`, apart from the full fits, and the plan records its candidate's probe."""
+    from ciess_prod.search import selection
+
+    config = _tiny(tmp_path, "probed", top_l=1, probe_top=2, probe_batches=20, candidates_from="loosest")
+    lengths = []
+    real_fit = selection.fit_on_train
+    monkeypatch.setattr(selection, "fit_on_train", lambda d, m, train: lengths.append(train.max_batches)
+                        or real_fit(d, m, train))
+    summary = run_search(config)
+    assert sorted(lengths) == [20, 20, 40, 40, 40]  # 2 probes shared by the budgets, then 1 fit per budget
+    parallel = _steps_of(config, tmp_path / "probed-workers")
+    assert run_search(parallel, resume=True, retrain_workers=2)["finished"]
+    record = ConfigurationRecord(tuple(config.search.budgets), config.search.recorded)
+    record.load_state_dict(torch.load(Path(config.output_dir) / STATE_FILE, weights_only=True)["record"])
+    assert len(record.best[0.5]) == 2  # the pool, not the top-l
+    for out in (config.output_dir, parallel.output_dir):
+        entries = [json.loads(p.read_text()) for p in (Path(out) / "candidates").glob("*.json")]
+        short = [e for e in entries if e["best_batches"] <= 20]
+        assert len(short) >= 2 and len(entries) == 2 + len(config.search.budgets)  # 2 probes, 1 fit per budget
+    for c in config.search.budgets:
+        a = DimensionPlan.load(Path(config.output_dir) / "plans" / f"c{c:.2f}")
+        b = DimensionPlan.load(Path(parallel.output_dir) / "plans" / f"c{c:.2f}")
+        assert all(torch.equal(a.sizes[s], b.sizes[s]) for s in a.sizes) and a.fits_budget()
+        assert b.metrics["test"] == pytest.approx(a.metrics["test"], abs=1e-9)
+        assert 0 <= a.metrics["selection"]["probe_recall@20"] <= 1
+        assert summary["plans"][f"{c:.2f}"]["selection"]["step"] == a.metrics["selection"]["step"]
 
 
 def test_states_and_rewards_follow_the_paper():
@@ -364,7 +427,7 @@ def test_budgets_retrained_by_worker_processes(tmp_path, finished_search, caplog
         assert b.metrics["test"] == pytest.approx(a.metrics["test"], abs=1e-9)
     assert (Path(parallel.output_dir) / "report").is_dir()
     # the candidates were fitted as units of their own, each distinct one once, and each budget's test read them
-    record = ConfigurationRecord(tuple(config.search.budgets), config.search.top_l)
+    record = ConfigurationRecord(tuple(config.search.budgets), config.search.recorded)
     record.load_state_dict(torch.load(Path(config.output_dir) / STATE_FILE, weights_only=True)["record"])
     candidates = {c: budget_candidates(parallel, record, c)[0] for c in config.search.budgets}
     distinct = {tuple(torch.cat([v.sizes[s] for s in sorted(v.sizes)]).tolist()) for cs in candidates.values()
@@ -373,7 +436,7 @@ def test_budgets_retrained_by_worker_processes(tmp_path, finished_search, caplog
     for c in config.search.budgets:
         selection = DimensionPlan.load(Path(parallel.output_dir) / "plans" / f"c{c:.2f}").metrics["selection"]
         assert selection["reused_fits"] == len(candidates[c])
-    assert f"{len(distinct)} candidate fit(s), then the tests" in caplog.text
+    assert f"{len(distinct)} probe(s) and candidate fit(s) first, then the tests" in caplog.text
     worker_log = capfd.readouterr().err  # the workers write to the inherited stderr, each line naming its budget
     assert all(f"[c={c:.2f}]" in worker_log for c in config.search.budgets), worker_log[-2000:]
     with pytest.raises(ValueError, match="retrain_workers must be >= 1"):
@@ -388,7 +451,7 @@ def test_train_only_workers_retrain_whole_budgets(tmp_path, finished_search, cap
     config, _ = finished_search
     weights = _steps_of(config, tmp_path / "train-only", protocol="train_only")
     summary = run_search(weights, resume=True, retrain_workers=2)
-    assert summary["finished"] and "0 candidate fit(s), then the tests" in caplog.text
+    assert summary["finished"] and "0 probe(s) and candidate fit(s) first, then the tests" in caplog.text
     for c in config.search.budgets:
         plan = DimensionPlan.load(Path(weights.output_dir) / "plans" / f"c{c:.2f}")
         assert plan.fits_budget() and plan.metrics["selection"]["reused_fits"] == 0
@@ -458,7 +521,7 @@ def test_a_candidate_shared_by_two_budgets_is_retrained_once(tmp_path, monkeypat
     dataset = load_dataset(config.data, ROOT)
     sizes = {"user": torch.full((dataset.n_users,), 2, dtype=torch.int16),
              "item": torch.full((dataset.n_items,), 3, dtype=torch.int16)}
-    record = ConfigurationRecord(config.search.budgets, top_l=1)
+    record = ConfigurationRecord(config.search.budgets, keep=1)
     record.add(Visited(4, 0.85, 0.6, sizes))  # meets both budgets
     fits = []
     real_fit = selection.fit_on_train

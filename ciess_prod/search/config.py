@@ -28,6 +28,10 @@ class SearchConfig:
     # budget: each budget's own top-l [P]; loosest: every budget takes the loosest budget's top-l (the search's best
     # configurations), shrunk into it by repair_to_budget's common factor, which keeps their per-row allocation [I]
     candidates_from: Literal["budget", "loosest"] = "budget"
+    # rank this many of the best visited configurations (by mean q) by a short retraining from scratch before the
+    # top_l go to full retraining; the warm fine-tune's q separates configurations weakly. 0: rank by mean q [I]
+    probe_top: int = 0
+    probe_batches: int = 1000  # the probe's training length (the full retraining's first batches, same recipe) [I]
     replay_bytes: int = 256 << 20  # replay buffer bound per agent (bytes)
     rows_per_step: int | None = None  # subsample this many rows per side into the buffer each step (large tables)
     td3: TD3Config = field(default_factory=TD3Config)
@@ -35,12 +39,19 @@ class SearchConfig:
     environment: EnvironmentConfig = field(default_factory=EnvironmentConfig)
     seed: int = 0  # seeds agents, exploration, buffers and every environment step
 
+    @property
+    def recorded(self) -> int:
+        """How many visited configurations per budget the record keeps: the probe's pool or the top-l."""
+        return max(self.top_l, self.probe_top)
+
     def __post_init__(self) -> None:
         if not self.budgets or any(not 0.0 <= c < 1.0 for c in self.budgets):
             raise ValueError(f"budgets must be sparsities in [0, 1), got {self.budgets}")
-        for name in ("episodes", "steps_per_episode", "top_l"):
+        for name in ("episodes", "steps_per_episode", "top_l", "probe_batches"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.probe_top and self.probe_top < self.top_l:
+            raise ValueError(f"probe_top must be 0 or >= top_l ({self.top_l}), got {self.probe_top}")
         if self.size_penalty < 0:
             raise ValueError(f"size_penalty must be >= 0, got {self.size_penalty}")
         if self.rows_per_step is not None and self.rows_per_step < 1:

@@ -1,5 +1,6 @@
-"""The record of visited configurations: per budget, the top-l configurations meeting it by mean q, and the sparsest
-one visited (the repair's starting point). The search writes it; the plan selection reads it."""
+"""The record of visited configurations: per budget, the best ``keep`` configurations meeting it by mean q (the top-l,
+or the probe's pool), and the sparsest one visited (the repair's starting point). The search writes it; the plan
+selection reads it."""
 
 from __future__ import annotations
 
@@ -19,10 +20,10 @@ class Visited:
 
 
 class ConfigurationRecord:
-    """Top-l visited configurations per budget by mean q, plus the sparsest one (the repair's starting point)."""
+    """The best ``keep`` visited configurations per budget by mean q, plus the sparsest one (the repair's start)."""
 
-    def __init__(self, budgets: tuple[float, ...], top_l: int) -> None:
-        self.budgets, self.top_l = budgets, top_l
+    def __init__(self, budgets: tuple[float, ...], keep: int) -> None:
+        self.budgets, self.keep = budgets, keep
         self.best: dict[float, list[Visited]] = {c: [] for c in budgets}
         self.sparsest: Visited | None = None
 
@@ -30,7 +31,7 @@ class ConfigurationRecord:
         for c in self.budgets:
             if visited.sparsity >= c:
                 kept = sorted([*self.best[c], visited], key=lambda v: (-v.mean_q, v.step))
-                self.best[c] = kept[: self.top_l]
+                self.best[c] = kept[: self.keep]
         if self.sparsest is None or visited.sparsity > self.sparsest.sparsity:
             self.sparsest = visited
 

@@ -4,8 +4,9 @@ Read top to bottom: train the full-size reference; then for every episode (all s
 each side's agent proposes sizes from per-row states, exploration perturbs them and walks the size graph, the
 critic picks among the visited sizes, the environment trains and ranks at those sizes, rewards
 r_n = q_n - lambda (d_n / d_max)^2 go to the replay buffer, and TD3 updates. Every visited configuration is
-recorded; the best ``top_l`` per budget (those meeting it, ranked by mean q) are retrained to convergence, the
-best on validation is tested under the same protocol as the baselines, and a ``DimensionPlan`` is written.
+recorded; the best ``top_l`` per budget (those meeting it, ranked by mean q, or by a short retraining of the best
+``probe_top``) are retrained to convergence, the best on validation is tested under the same protocol as the
+baselines, and a ``DimensionPlan`` is written.
 The state is checkpointed after every step; ``resume=True`` continues from the last completed step.
 """
 
@@ -188,7 +189,7 @@ def run_search(
             for i, s in enumerate(SIDES)
         },
         buffers={s: ReplayBuffer(search.replay_bytes, seed=search.seed + 10 * i + 2) for i, s in enumerate(SIDES)},
-        record=ConfigurationRecord(tuple(search.budgets), search.top_l),
+        record=ConfigurationRecord(tuple(search.budgets), search.recorded),
     )
     state_path = out / STATE_FILE
     if resume and state_path.is_file():

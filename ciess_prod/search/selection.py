@@ -49,14 +49,14 @@ def _worker_logging(threads: int, log_level: int, label: str) -> None:
     logging.basicConfig(level=log_level, format=f"%(asctime)s %(levelname)s [{label}] %(message)s", force=True)
 
 
-def _fit_worker(
+def fit_in_worker(
     config: SearchExperimentConfig, base_dir: Path | None, sizes: dict[str, torch.Tensor], label: str, threads: int,
     log_level: int,
 ) -> None:
     """One candidate's retraining on train in a spawned process; its outcome goes to the search's fit store."""
     _worker_logging(threads, log_level, label)
     dataset = load_dataset(config.data, base_dir)
-    log.info("retraining a candidate (%s)", summarise_sizes(sizes))
+    log.info("retraining a candidate for up to %d batches (%s)", config.train.max_batches, summarise_sizes(sizes))
     fit_candidate(config, dataset, sizes, candidate_fits(config, dataset, Path(config.output_dir)))
 
 
@@ -79,46 +79,71 @@ def retrain_in_workers(
 ) -> None:
     """Retrains ``budgets`` in up to ``workers`` spawned processes sharing this process's threads.
 
-    Under ``final`` the unit of work is one candidate's fit, not one budget: every budget's unfitted candidates
-    (each distinct one once) are queued first, and a budget's test protocol is queued as soon as its candidates are
-    fitted, reading their outcomes from the fit store. Three budgets on two workers then leave no worker idle for a
-    whole budget. ``train_only`` tests the fitted weights, so there each budget is one unit. A failure is raised
-    here, naming its budgets, after the other work has finished (their plans stay saved).
+    Under ``final`` the unit of work is one short probe or one candidate's fit, not one budget: every budget's
+    unrun probes (each distinct one once) are queued first; once a budget's probes are stored its candidates are
+    known and their unfitted fits are queued; once those are stored its test protocol is queued, reading their
+    outcomes from the stores. Three budgets on two workers then leave no worker idle for a whole budget.
+    ``train_only`` tests the fitted weights, so there each budget is one unit. A failure is raised here, naming its
+    budgets, after the other work has finished (their plans stay saved).
     """
-    store = candidate_fits(config, dataset, Path(config.output_dir))
+    out = Path(config.output_dir)
+    stores = {"probe": probe_fits(config, dataset, out), "fit": candidate_fits(config, dataset, out)}
+    configs = {"probe": probe_config(config), "fit": config}
     errors: dict[float, BaseException] = {}
-    waiting: dict[float, set[str]] = {}  # budget -> keys of the candidate fits it waits for
-    to_fit: dict[str, tuple[str, dict[str, torch.Tensor]]] = {}  # key -> (the first budget needing it, sizes)
-    for c in budgets:
-        waiting[c] = set()
-        if config.protocol != "final":
-            continue
+    waiting: dict[float, set[tuple[str, str]]] = {c: set() for c in budgets}  # the (kind, key)s a budget waits for
+    stage = dict.fromkeys(budgets, "probe")  # what a budget queues next: its probes, its fits, its test
+    queued: dict[tuple[str, str], tuple[str, dict[str, torch.Tensor]]] = {}  # unfinished (kind, key) -> label, sizes
+    failed: dict[tuple[str, str], BaseException] = {}
+    ready: list[float] = []
+
+    def advance(c: float) -> None:
+        """Queues budget c's next units: its probes, then its candidates' fits, then (once none is left) its test."""
         try:
-            candidates, _ = budget_candidates(config, record, c)
+            while not waiting[c] and stage[c] != "test":
+                kind = stage[c]
+                needed = probe_pool(config, record, c) if kind == "probe" else budget_candidates(
+                    config, record, c, stores["probe"])[0]
+                stage[c] = "fit" if kind == "probe" else "test"
+                for visited in needed:
+                    unit = (kind, fit_key(stores[kind].recipe, visited.sizes))
+                    if unit in failed:
+                        raise failed[unit]
+                    if unit in queued or stores[kind].get(visited.sizes) is None:
+                        queued.setdefault(unit, (f"c={c:.2f} {kind}", visited.sizes))
+                        waiting[c].add(unit)
         except Exception as error:  # noqa: BLE001 - reported with its budget below, like a worker's
             errors[c] = error
-            continue
-        for candidate in candidates:
-            key = fit_key(store.recipe, candidate.sizes)
-            if key in to_fit or store.get(candidate.sizes) is None:
-                to_fit.setdefault(key, (f"c={c:.2f}", candidate.sizes))
-                waiting[c].add(key)
-    ready = [c for c in budgets if c not in errors and not waiting[c]]
-    workers = min(workers, max(len(to_fit), len(budgets) - len(errors), 1))
+            return
+        if not waiting[c]:
+            ready.append(c)
+
+    for c in budgets:
+        if config.protocol == "final":
+            advance(c)
+        else:
+            ready.append(c)
+    first_units = len(queued)
+    workers = min(workers, max(first_units, len(budgets) - len(errors), 1))
     threads = max(1, torch.get_num_threads() // workers)
     level = logging.getLogger().getEffectiveLevel()
-    log.info("retraining budgets %s in %d processes of %d thread(s) each: %d candidate fit(s), then the tests",
-             list(budgets), workers, threads, len(to_fit))
+    log.info("retraining budgets %s in %d processes of %d thread(s) each: %d probe(s) and candidate fit(s) first, "
+             "then the tests", list(budgets), workers, threads, first_units)
     context = multiprocessing.get_context("spawn")  # no fork of a process holding torch's thread pools
+    running: dict[Future, tuple[str, Any]] = {}
+    tested: set[float] = set()
     with ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool:
-        running: dict[Future, tuple[str, Any]] = {
-            pool.submit(_fit_worker, config, base_dir, sizes, label, threads, level): ("fit", key)
-            for key, (label, sizes) in to_fit.items()
-        }
-        while ready or running:
+        while True:
+            in_flight = {what for kind, what in running.values() if kind == "unit"}
+            for unit, (label, sizes) in list(queued.items()):
+                if unit not in in_flight:
+                    job = pool.submit(fit_in_worker, configs[unit[0]], base_dir, sizes, label, threads, level)
+                    running[job] = ("unit", unit)
             for c in ready:
                 running[pool.submit(_retrain_worker, config, base_dir, record, c, threads, level)] = ("budget", c)
-            ready = []
+                tested.add(c)
+            ready.clear()
+            if not running:
+                break
             done, _ = wait(running, return_when=FIRST_COMPLETED)
             for job in done:
                 kind, what = running.pop(job)
@@ -127,13 +152,18 @@ def retrain_in_workers(
                     if error is not None:
                         errors[what] = error
                     continue
-                for c, keys in waiting.items():
-                    if what in keys:
-                        keys.discard(what)
+                del queued[what]
+                if error is not None:
+                    failed[what] = error
+                for c, units in waiting.items():
+                    if what in units:
+                        units.discard(what)
                         if error is not None:
                             errors.setdefault(c, error)
-                        elif not keys and c not in errors:
-                            ready.append(c)
+                        elif not units and c not in errors:
+                            advance(c)
+    for c in set(budgets) - tested - set(errors):  # a guard: every budget ends tested or failed
+        errors[c] = RuntimeError(f"budget {c} was never tested (waiting for {sorted(waiting[c])})")
     if errors:
         raise RuntimeError(f"retraining failed for budgets {sorted(errors)}: "
                            + "; ".join(f"c={c}: {error!r}" for c, error in sorted(errors.items())))
@@ -147,6 +177,11 @@ def candidate_fits(config: SearchExperimentConfig, dataset: RecDataset, out: Pat
     """The search's store of candidate retrainings, keyed by everything a retraining on train depends on."""
     recipe = {"data": dataset.fingerprint, "model": to_dict(config.model), "train": to_dict(config.train)}
     return CandidateFits(out / "candidates", recipe)
+
+
+def probe_fits(config: SearchExperimentConfig, dataset: RecDataset, out: Path) -> CandidateFits:
+    """The store of the probes' short retrainings (the same directory; their recipe differs in ``max_batches``)."""
+    return candidate_fits(probe_config(config), dataset, out)
 
 
 def known_mean_q(mean_q: float) -> dict[str, float]:
@@ -185,27 +220,64 @@ def finished_plan(
 
 
 def budget_candidates(
-    config: SearchExperimentConfig, record: ConfigurationRecord, c: float
+    config: SearchExperimentConfig, record: ConfigurationRecord, c: float, probes: CandidateFits | None = None
 ) -> tuple[list[Visited], bool]:
     """Budget c's candidates and whether they were repaired.
 
     The candidates are its own top-l visited configurations, or under ``candidates_from: loosest`` the loosest
     budget's, shrunk into c by one common factor where they exceed it; under ``fill_budget`` each then grows into
-    the budget's unused part. When no candidate was visited, the sparsest visited configuration is shrunk into c
-    and the plan is marked repaired.
+    the budget's unused part. Under ``probe_top`` the top-l are those of the probe pool (``probe_pool``) that
+    scored best on validation in their probe (read from ``probes``, which must hold them all). When no candidate
+    was visited, the sparsest visited configuration is shrunk into c and the plan is marked repaired.
     """
     d_max, search = config.model.d_max, config.search
-    candidates = record.best[min(search.budgets) if search.candidates_from == "loosest" else c]
-    if not candidates:  # nothing visited fits: shrink the sparsest visited configuration (order kept)
+    source = min(search.budgets) if search.candidates_from == "loosest" else c
+    visited = record.best[source]
+    if not visited:  # nothing visited fits: shrink the sparsest visited configuration (order kept)
         if record.sparsest is None:
             raise RuntimeError("the search visited no configuration")
         return [dataclasses.replace(shrunk(record.sparsest, d_max, c), step=-1, mean_q=float("nan"))], True
-    candidates = [v if v.sparsity >= c else shrunk(v, d_max, c) for v in candidates]
-    if search.fill_budget:  # visited configurations may leave part of the budget unused
-        candidates = [
-            dataclasses.replace(v, sizes=fill_to_budget(v.sizes, d_max, c), sparsity=float("nan")) for v in candidates
-        ]
-    return candidates, False
+    if search.probe_top:
+        if probes is None:
+            raise ValueError("search.probe_top ranks the candidates by their probes: pass the probe store")
+        scores = [probe_score(probes, v) for v in probe_pool(config, record, c)]
+        order = sorted(range(len(scores)), key=lambda i: -scores[i])  # stable: ties keep the order by mean q
+        visited = [visited[i] for i in order]
+    return [prepared(config, v, c) for v in visited[: search.top_l]], False
+
+
+def prepared(config: SearchExperimentConfig, visited: Visited, c: float) -> Visited:
+    """A visited configuration as budget c retrains it: shrunk into c where it exceeds it, then filled under
+    ``fill_budget`` (visited configurations may leave part of the budget unused)."""
+    d_max = config.model.d_max
+    v = visited if visited.sparsity >= c else shrunk(visited, d_max, c)
+    if config.search.fill_budget:
+        v = dataclasses.replace(v, sizes=fill_to_budget(v.sizes, d_max, c), sparsity=float("nan"))
+    return v
+
+
+def probe_pool(config: SearchExperimentConfig, record: ConfigurationRecord, c: float) -> list[Visited]:
+    """The configurations ``probe_top`` retrains briefly to rank budget c's candidates: the best ``probe_top`` by
+    mean q of the budget they come from, prepared for that budget. Under ``candidates_from: loosest`` every budget
+    shares the loosest budget's pool, so its probes run once. Empty without ``probe_top``."""
+    if not config.search.probe_top:
+        return []
+    source = min(config.search.budgets) if config.search.candidates_from == "loosest" else c
+    return [prepared(config, v, source) for v in record.best[source][: config.search.probe_top]]
+
+
+def probe_config(config: SearchExperimentConfig) -> SearchExperimentConfig:
+    """The probe's recipe: the full retraining's, stopped after ``probe_batches`` (its fits are stored apart, under
+    their own recipe)."""
+    train = dataclasses.replace(config.train, max_batches=config.search.probe_batches)
+    return dataclasses.replace(config, train=train)
+
+
+def probe_score(probes: CandidateFits, visited: Visited) -> float:
+    fit = probes.get(visited.sizes)
+    if fit is None:
+        raise RuntimeError(f"the configuration of step {visited.step} has no probe in {probes.directory}")
+    return fit.val["recall@20"]
 
 
 def shrunk(visited: Visited, d_max: int, c: float) -> Visited:
@@ -245,7 +317,15 @@ def choose_plan(
     holds the retrainings done before, for this budget, another, or a worker.
     """
     d_max = config.model.d_max
-    candidates, repaired = budget_candidates(config, record, c)
+    probes = probe_fits(config, dataset, Path(config.output_dir))
+    probe_seconds, probe_recall = 0.0, {}  # step -> the probe's validation recall@20
+    for visited in probe_pool(config, record, c):  # each probe once; another budget, run or worker may have run it
+        probe = probes.get(visited.sizes) or fit_candidate(probe_config(config), dataset, visited.sizes, probes)[1]
+        probe_seconds += probe.seconds
+        probe_recall[visited.step] = probe.val["recall@20"]
+        log.info("budget %.2f: probe of step %d (mean q %.4f): val recall@20 %.4f after %d batches", c, visited.step,
+                 visited.mean_q, probe.val["recall@20"], probe.best_batches)
+    candidates, repaired = budget_candidates(config, record, c, probes)
     # `final` retrains the chosen sizes on train+validation, so a fit known from its outcome serves as well as one
     # in memory; `train_only` tests the fitted weights, so it always retrains.
     reads_fits = config.protocol == "final"
@@ -281,9 +361,10 @@ def choose_plan(
                 **known_mean_q(candidate.mean_q),
                 "best_batches": fit.best_batches,
                 "reused_fits": reused,  # candidates whose retraining another budget, run or worker had already done
-                # its candidates' fits (as timed when they ran, whoever ran them; a fit two budgets share counts in
-                # both) plus the test protocol: a sum of work, not the wall time of parallel workers
-                "retrain_seconds": fit_seconds + test_seconds,
+                **({"probe_recall@20": probe_recall[candidate.step]} if candidate.step in probe_recall else {}),
+                # its probes' and candidates' fits (as timed when they ran, whoever ran them; a fit two budgets share
+                # counts in both) plus the test protocol: a sum of work, not the wall time of parallel workers
+                "retrain_seconds": probe_seconds + fit_seconds + test_seconds,
             },
         },
         seed=config.search.seed,
