@@ -206,6 +206,14 @@ def test_a_bad_lambda_or_gamma_is_refused_before_any_work(flag, value, message, 
     assert message in capsys.readouterr().err
 
 
+def test_own_steps_without_a_retrained_method_is_refused(capsys):
+    from bench.ml1m_search import main
+
+    with pytest.raises(SystemExit):
+        main(["--methods", "ciess", "mr", "--own-steps"])
+    assert "--own-steps applies to ciess_fill and ciess_scaled only" in capsys.readouterr().err
+
+
 def test_the_bench_retrains_budgets_in_workers_and_records_it(tmp_path, one_torch_thread):
     from bench.ml1m_search import main
 
