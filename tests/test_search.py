@@ -23,7 +23,7 @@ from ciess_prod.search.environment import EnvironmentConfig, SizeEnvironment
 from ciess_prod.search.exploration import ExplorationConfig
 from ciess_prod.search.plan import budget_for
 from ciess_prod.search.record import ConfigurationRecord, Visited
-from ciess_prod.search.search import STATE_FILE, build_states, rewards, run_search
+from ciess_prod.search.search import PENALTY_RANGE, STATE_FILE, build_states, next_penalty, rewards, run_search
 from ciess_prod.search.selection import budget_candidates
 from ciess_prod.train.trainer import TrainConfig, evaluate, fit
 
@@ -273,10 +273,51 @@ def test_states_and_rewards_follow_the_paper():
     quality = Quality(raw={"user": torch.tensor([0.3, 0.1], dtype=torch.float64)},
                       ratio={"user": torch.tensor([1.0, 0.5])})
     sizes = torch.tensor([128, 32])
-    paper = rewards(SearchConfig(size_penalty=0.4), quality, "user", sizes, 128)
+    paper = rewards(SearchConfig(), quality, "user", sizes, 128, penalty=0.4)
     torch.testing.assert_close(paper, torch.tensor([1.0 - 0.4, 0.5 - 0.4 / 16]))
-    code = rewards(SearchConfig(size_penalty=0.01, reward="code"), quality, "user", sizes, 128)
+    code = rewards(SearchConfig(reward="code"), quality, "user", sizes, 128, penalty=0.01)
     torch.testing.assert_close(code, torch.tensor([0.3 - 0.01 * (127 / 128) ** 2, 0.1 - 0.01 * (31 / 128) ** 2]))
+
+
+def test_penalty_control_steps_lambda_towards_the_loosest_budget():
+    """`loosest`: a visit denser than the loosest budget plus the margin raises lambda, a sparser one lowers it, by
+    exp(rate * relative gap) with the gap clipped to +-1, within PENALTY_RANGE; `fixed` never moves it."""
+    import math
+
+    fixed = SearchConfig(budgets=(0.8, 0.9), size_penalty=0.4)
+    assert next_penalty(fixed, 0.4, 0.1) == 0.4
+    track = dataclasses.replace(fixed, penalty_control="loosest", penalty_rate=0.5, penalty_margin=0.02)
+    target_density = 1 - 0.82
+    assert next_penalty(track, 0.4, 1 - 0.5 * target_density) == pytest.approx(0.4 * math.exp(-0.25))  # gap -0.5
+    assert next_penalty(track, 0.4, 1 - 1.5 * target_density) == pytest.approx(0.4 * math.exp(0.25))  # gap +0.5
+    assert next_penalty(track, 0.4, 0.82) == pytest.approx(0.4)
+    assert next_penalty(track, 0.4, 0.0) == pytest.approx(0.4 * math.exp(0.5))  # gap 4.6, clipped to 1
+    assert next_penalty(track, PENALTY_RANGE[1], 0.0) == PENALTY_RANGE[1]
+    for bad, message in (({"penalty_rate": 0.0}, "penalty_rate must be > 0"),
+                         ({"penalty_margin": 0.2}, "penalty_margin must lie in"),
+                         ({"penalty_control": "loosest", "size_penalty": 0.0}, "needs size_penalty > 0")):
+        with pytest.raises(ValueError, match=message):
+            dataclasses.replace(fixed, **bad)
+
+
+def test_a_tracking_search_records_and_resumes_its_lambda(tmp_path):
+    """Every step records the lambda it used, the next one follows next_penalty, and a resumed run continues
+    from the saved lambda to the uninterrupted result."""
+    changes = {"penalty_control": "loosest", "penalty_rate": 1.0, "size_penalty": 0.1}
+    whole = _tiny(tmp_path, "track", **changes)
+    run_search(whole, stop_after_steps=5)
+    history = torch.load(Path(whole.output_dir) / STATE_FILE, weights_only=True)["history"]
+    assert history[0]["size_penalty"] == 0.1
+    for before, after in zip(history, history[1:], strict=False):
+        assert after["size_penalty"] == pytest.approx(next_penalty(whole.search, before["size_penalty"],
+                                                                   before["sparsity"]))
+    assert len({e["size_penalty"] for e in history}) > 1
+    split = _tiny(tmp_path, "track-split", **changes)
+    run_search(split, stop_after_steps=2)
+    run_search(split, resume=True, stop_after_steps=3)
+    resumed = torch.load(Path(split.output_dir) / STATE_FILE, weights_only=True)["history"]
+    assert [e["size_penalty"] for e in resumed] == [e["size_penalty"] for e in history]
+    assert [e["mean_reward"] for e in resumed] == [e["mean_reward"] for e in history]
 
 
 @pytest.mark.parametrize("protocol", ["warm", "paper"])

@@ -60,12 +60,28 @@ def build_states(popularity: torch.Tensor, sizes: torch.Tensor, quality: torch.T
     return torch.stack([popularity, size, quality.to(torch.float32)], dim=1)
 
 
-def rewards(config: SearchConfig, quality: Quality, side: str, sizes: torch.Tensor, d_max: int) -> torch.Tensor:
+def rewards(
+    config: SearchConfig, quality: Quality, side: str, sizes: torch.Tensor, d_max: int, penalty: float
+) -> torch.Tensor:
     """r_n = q_n - lambda (d_n / d_max)^2 [P]; the code's variant uses raw eval and ((d_n - 1) / d_max)^2 [C]."""
     d = sizes.to(torch.float32)
     if config.reward == "paper":
-        return quality.ratio[side] - config.size_penalty * (d / d_max) ** 2
-    return quality.raw[side].to(torch.float32) - config.size_penalty * ((d - 1) / d_max) ** 2
+        return quality.ratio[side] - penalty * (d / d_max) ** 2
+    return quality.raw[side].to(torch.float32) - penalty * ((d - 1) / d_max) ** 2
+
+
+PENALTY_RANGE = (1e-3, 1e3)  # bounds on an adapted lambda
+
+
+def next_penalty(config: SearchConfig, penalty: float, sparsity: float) -> float:
+    """Lambda for the next step. Under ``penalty_control: loosest`` one dual-ascent step on log lambda: a visited
+    configuration denser than the target (the loosest budget plus ``penalty_margin``) raises lambda and a sparser one
+    lowers it, in proportion to the gap relative to the target's density (clipped to +-1)."""
+    if config.penalty_control == "fixed":
+        return penalty
+    target_density = 1 - (min(config.budgets) + config.penalty_margin)
+    gap = min(max(((1 - sparsity) - target_density) / target_density, -1.0), 1.0)
+    return min(max(penalty * math.exp(config.penalty_rate * gap), PENALTY_RANGE[0]), PENALTY_RANGE[1])
 
 
 
@@ -82,12 +98,14 @@ class SearchState:
     explorers: dict[str, Explorer]
     buffers: dict[str, ReplayBuffer]
     record: ConfigurationRecord
+    penalty: float  # lambda for the next step (size_penalty unless penalty_control adapts it)
     seconds: float = 0.0  # wall time of the completed steps, summed over every run that resumed this search
 
     def state_dict(self) -> dict[str, Any]:
         return {
             "step": self.step,
             "seconds": self.seconds,
+            "penalty": self.penalty,
             "sizes": self.sizes,
             "quality": self.quality,
             "history": self.history,
@@ -110,6 +128,7 @@ class SearchState:
             self.buffers[s].load_state_dict(state["buffers"][s])
         self.record.load_state_dict(state["record"])
         self.seconds = float(state.get("seconds", float("nan")))  # NaN: saved before the steps were timed
+        self.penalty = float(state.get("penalty", self.penalty))  # saved before lambda could change: the config's
 
 
 def save_state(path: Path, state: SearchState) -> None:
@@ -190,6 +209,7 @@ def run_search(
         },
         buffers={s: ReplayBuffer(search.replay_bytes, seed=search.seed + 10 * i + 2) for i, s in enumerate(SIDES)},
         record=ConfigurationRecord(tuple(search.budgets), search.recorded),
+        penalty=search.size_penalty,
     )
     state_path = out / STATE_FILE
     if resume and state_path.is_file():
@@ -222,7 +242,7 @@ def run_search(
         entry: dict[str, float] = {"episode": episode, "step": step, "global_step": state.step}
         for s in SIDES:
             next_states = build_states(pop_state[s], new_sizes[s], quality.ratio[s], d_max)
-            reward = rewards(search, quality, s, new_sizes[s], d_max)
+            reward = rewards(search, quality, s, new_sizes[s], d_max, state.penalty)
             state.buffers[s].add(
                 states[s], new_sizes[s].float(), reward, next_states, done, max_rows=search.rows_per_step
             )
@@ -232,9 +252,11 @@ def run_search(
             entry[f"mean_q_{s}"] = float(quality.ratio[s].mean())
             entry.update({f"{k}_{s}": v for k, v in losses.items()})
         entry["mean_reward"] = float(
-            torch.cat([rewards(search, quality, s, new_sizes[s], d_max) for s in SIDES]).mean()
+            torch.cat([rewards(search, quality, s, new_sizes[s], d_max, state.penalty) for s in SIDES]).mean()
         )
         entry["sparsity"] = sparsity([new_sizes[s] for s in SIDES], d_max)
+        entry["size_penalty"] = state.penalty
+        state.penalty = next_penalty(search, state.penalty, entry["sparsity"])
         entry["mean_q"] = quality.mean_ratio
         state.record.add(
             Visited(state.step, entry["sparsity"], entry["mean_q"], {s: new_sizes[s].to(torch.int16) for s in SIDES})
