@@ -6,9 +6,10 @@ and `peak_rss_mb`. Methods: `ciess`, `ciess_no_walk`, `mr`, `freq`, `ciess_fill`
 retrained with `search.fill_budget`) and `ciess_scaled` (retrained with every budget taking the loosest budget's
 best configurations, shrunk into it and filled: `search.candidates_from: loosest`); with `--own-steps` these two run
 their own steps, so that one process times a whole search. `--size-penalty`, `--gamma`,
-`--item-quality`, `--random-steps`, `--reference-basis` and `--probe-top` run them at another lambda, TD3 discount,
-eval(item), random warm-up, warm reference basis or candidate ranking (rows record them as `size_penalty`, `gamma`,
-`item_quality`, `random_steps`, `reference_basis` and `probe_top`). Every row is tested under the same protocol as
+`--item-quality`, `--random-steps`, `--reference-basis`, `--probe-top` and `--penalty-control` run them at another
+lambda, TD3 discount, eval(item), random warm-up, warm reference basis, candidate ranking or lambda control (rows
+record them as `size_penalty`, `gamma`, `item_quality`, `random_steps`, `reference_basis`, `probe_top` and
+`penalty_control`). Every row is tested under the same protocol as
 the `es` rows (configs/ml1m-search.yaml: `final`). Takes hours on 2 cores: run it in the background with a log.
 
     OMP_NUM_THREADS=1 python bench/ml1m_search.py > ml1m_search.log 2>&1 &
@@ -93,7 +94,8 @@ def shared_reference(base: SearchExperimentConfig) -> str:
 
 def with_search_settings(base: SearchExperimentConfig, size_penalty: float | None = None, gamma: float | None = None,
                          item_quality: str | None = None, random_steps: int | None = None,
-                         reference_basis: str | None = None, probe_top: int | None = None) -> SearchExperimentConfig:
+                         reference_basis: str | None = None, probe_top: int | None = None,
+                         penalty_control: str | None = None) -> SearchExperimentConfig:
     """The config's search at another lambda, TD3 discount, item quality signal, number of random warm-up steps or
     reference basis, in its own output directory (``<output_dir>-lambda2-gamma0-items-hits-random20-principal``;
     its variants get their suffix after it)."""
@@ -114,6 +116,8 @@ def with_search_settings(base: SearchExperimentConfig, size_penalty: float | Non
         search, suffix = dataclasses.replace(search, environment=environment), f"{suffix}-{reference_basis}"
     if probe_top is not None and probe_top != search.probe_top:
         search, suffix = dataclasses.replace(search, probe_top=probe_top), f"{suffix}-probe{probe_top}"
+    if penalty_control is not None and penalty_control != search.penalty_control:
+        search, suffix = dataclasses.replace(search, penalty_control=penalty_control), f"{suffix}-track"
     if not suffix:
         return base
     return dataclasses.replace(base, search=search, output_dir=base.output_dir + suffix,
@@ -184,6 +188,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="searches: rank the best N configurations per budget by a short retraining before the "
                              "top-l are fully retrained (0: by mean q), in <output_dir>-probe<N> (the rows record it "
                              "as probe_top)")
+    parser.add_argument("--penalty-control", choices=["fixed", "loosest"],
+                        help="searches: loosest adapts lambda so the visited sparsity tracks the loosest budget, in "
+                             "<output_dir>-track (the rows record it as penalty_control)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", force=True)
     base = load_yaml(SearchExperimentConfig, args.config)
@@ -198,7 +205,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.probe_top is not None and args.probe_top and args.probe_top < base.search.top_l:
         parser.error(f"--probe-top must be 0 or >= the config's top_l ({base.search.top_l}), got {args.probe_top}")
     searched = with_search_settings(base, args.size_penalty, args.gamma, args.item_quality, args.random_steps,
-                                    args.reference_basis, args.probe_top)
+                                    args.reference_basis, args.probe_top, args.penalty_control)
     dataset = load_dataset(base.data, ROOT)
 
     for method in args.methods:
@@ -223,7 +230,7 @@ def main(argv: list[str] | None = None) -> int:
                              item_quality=config.search.environment.item_quality,
                              random_steps=config.search.exploration.random_steps,
                              reference_basis=config.search.environment.reference_basis,
-                             probe_top=config.search.probe_top,
+                             probe_top=config.search.probe_top, penalty_control=config.search.penalty_control,
                              retrain_workers=args.retrain_workers, process_seconds=seconds(summary["process_seconds"]),
                              own_steps=not reused)
                 append_jsonl(args.results, record)

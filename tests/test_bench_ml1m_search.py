@@ -62,6 +62,9 @@ def test_another_lambda_or_gamma_searches_in_its_own_directory_with_the_shared_r
     probed = with_search_settings(base, probe_top=4)
     assert probed.output_dir == "/data/run-probe4" and probed.search.probe_top == 4
     assert probed.reference_dir == "/data/run/reference" and with_search_settings(base, probe_top=0) is base
+    tracked = with_search_settings(base, probe_top=4, penalty_control="loosest")
+    assert tracked.output_dir == "/data/run-probe4-track" and tracked.search.penalty_control == "loosest"
+    assert with_search_settings(base, penalty_control="fixed") is base
 
 
 def test_reuse_refuses_a_search_whose_steps_are_unfinished(tmp_path):
@@ -197,6 +200,7 @@ def test_search_diagnosis_measures_the_random_warm_up(tmp_path, one_torch_thread
     ("--random-steps", "-1", "--random-steps must be >= 0"),
     ("--retrain-workers", "0", "expected an integer >= 1"),
     ("--probe-top", "-1", "--probe-top must be 0 or >= the config's top_l"),
+    ("--penalty-control", "pid", "invalid choice: 'pid'"),
 ])
 def test_a_bad_lambda_or_gamma_is_refused_before_any_work(flag, value, message, capsys):
     from bench.ml1m_search import main
