@@ -45,6 +45,7 @@ from ciess_prod.search.selection import (  # noqa: E402
 )
 
 RESULTS = ROOT / "bench" / "results" / "probe_ranking.jsonl"
+GIT_SHA = git_sha()  # at start-up: the code this run loaded, not the HEAD when it ends
 
 
 def fitted(config: SearchExperimentConfig, dataset: RecDataset, store: CandidateFits, configurations: list[Visited],
@@ -132,7 +133,7 @@ def main(argv: list[str] | None = None) -> int:
         "max_batches": config.train.max_batches, "configurations": configurations,
         "probe_pick_step": pool[by_probe[0]].step, "probe_pick_full_recall@20": best_probe.val["recall@20"],
         "q_pick_step": pool[by_q[0]].step, "q_pick_full_recall@20": best_q.val["recall@20"],
-        "git_sha": git_sha(),
+        "git_sha": GIT_SHA,
     })
     return 0
 
