@@ -202,7 +202,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--random-steps must be >= 0, got {args.random_steps}")
     if args.own_steps and not set(args.methods) & set(RETRAINED):
         parser.error(f"--own-steps applies to {' and '.join(RETRAINED)} only (the others always run their own steps)")
-    if args.probe_top is not None and args.probe_top and args.probe_top < base.search.top_l:
+    if args.probe_top and args.probe_top < base.search.top_l:
         parser.error(f"--probe-top must be 0 or >= the config's top_l ({base.search.top_l}), got {args.probe_top}")
     searched = with_search_settings(base, args.size_penalty, args.gamma, args.item_quality, args.random_steps,
                                     args.reference_basis, args.probe_top, args.penalty_control)

@@ -262,6 +262,13 @@ def test_probed_search_retrains_each_probe_once_in_one_process_or_workers(tmp_pa
         assert b.metrics["test"] == pytest.approx(a.metrics["test"], abs=1e-9)
         assert 0 <= a.metrics["selection"]["probe_recall@20"] <= 1
         assert summary["plans"][f"{c:.2f}"]["selection"]["step"] == a.metrics["selection"]["step"]
+    weights = _steps_of(config, tmp_path / "probed-train-only", protocol="train_only")  # ranked by probes too
+    assert run_search(weights, resume=True, retrain_workers=2)["finished"]
+    probes = selection.probe_fits(weights, load_dataset(weights.data, ROOT), Path(weights.output_dir))
+    assert all(probes.get(v.sizes) is not None for v in selection.probe_pool(weights, record, 0.5))
+    for c in config.search.budgets:
+        assert "probe_recall@20" in DimensionPlan.load(Path(weights.output_dir) / "plans" / f"c{c:.2f}").metrics[
+            "selection"]
 
 
 def test_states_and_rewards_follow_the_paper():

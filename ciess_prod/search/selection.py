@@ -83,8 +83,8 @@ def retrain_in_workers(
     unrun probes (each distinct one once) are queued first; once a budget's probes are stored its candidates are
     known and their unfitted fits are queued; once those are stored its test protocol is queued, reading their
     outcomes from the stores. Three budgets on two workers then leave no worker idle for a whole budget.
-    ``train_only`` tests the fitted weights, so there each budget is one unit. A failure is raised here, naming its
-    budgets, after the other work has finished (their plans stay saved).
+    ``train_only`` tests the fitted weights, so there each budget is one unit after its probes. A failure is raised
+    here, naming its budgets, after the other work has finished (their plans stay saved).
     """
     out = Path(config.output_dir)
     stores = {"probe": probe_fits(config, dataset, out), "fit": candidate_fits(config, dataset, out)}
@@ -95,6 +95,7 @@ def retrain_in_workers(
     queued: dict[tuple[str, str], tuple[str, dict[str, torch.Tensor]]] = {}  # unfinished (kind, key) -> label, sizes
     failed: dict[tuple[str, str], BaseException] = {}
     ready: list[float] = []
+    reads_fits = config.protocol == "final"  # train_only tests the fitted weights: its budgets fit in their own unit
 
     def advance(c: float) -> None:
         """Queues budget c's next units: its probes, then its candidates' fits, then (once none is left) its test."""
@@ -103,7 +104,7 @@ def retrain_in_workers(
                 kind = stage[c]
                 needed = probe_pool(config, record, c) if kind == "probe" else budget_candidates(
                     config, record, c, stores["probe"])[0]
-                stage[c] = "fit" if kind == "probe" else "test"
+                stage[c] = "fit" if kind == "probe" and reads_fits else "test"
                 for visited in needed:
                     unit = (kind, fit_key(stores[kind].recipe, visited.sizes))
                     if unit in failed:
@@ -118,10 +119,7 @@ def retrain_in_workers(
             ready.append(c)
 
     for c in budgets:
-        if config.protocol == "final":
-            advance(c)
-        else:
-            ready.append(c)
+        advance(c)
     first_units = len(queued)
     workers = min(workers, max(first_units, len(budgets) - len(errors), 1))
     threads = max(1, torch.get_num_threads() // workers)
@@ -231,8 +229,7 @@ def budget_candidates(
     was visited, the sparsest visited configuration is shrunk into c and the plan is marked repaired.
     """
     d_max, search = config.model.d_max, config.search
-    source = min(search.budgets) if search.candidates_from == "loosest" else c
-    visited = record.best[source]
+    visited = record.best[source_budget(config, c)]
     if not visited:  # nothing visited fits: shrink the sparsest visited configuration (order kept)
         if record.sparsest is None:
             raise RuntimeError("the search visited no configuration")
@@ -262,8 +259,13 @@ def probe_pool(config: SearchExperimentConfig, record: ConfigurationRecord, c: f
     shares the loosest budget's pool, so its probes run once. Empty without ``probe_top``."""
     if not config.search.probe_top:
         return []
-    source = min(config.search.budgets) if config.search.candidates_from == "loosest" else c
+    source = source_budget(config, c)
     return [prepared(config, v, source) for v in record.best[source][: config.search.probe_top]]
+
+
+def source_budget(config: SearchExperimentConfig, c: float) -> float:
+    """The budget whose recorded configurations become budget c's candidates (``candidates_from``)."""
+    return min(config.search.budgets) if config.search.candidates_from == "loosest" else c
 
 
 def probe_config(config: SearchExperimentConfig) -> SearchExperimentConfig:
