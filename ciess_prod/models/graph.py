@@ -1,11 +1,14 @@
 """Graph propagation for NGCF and LightGCN: the normalised user-item adjacency and its sparse product.
 
-The product runs through a scipy CSR matrix wrapped in an autograd function: on our CPUs it measured ~3x faster
-than ``torch.sparse.mm`` on COO. The adjacency is symmetric, so its backward pass is the same product.
+The adjacency is kept as a scipy CSR matrix (what the compressor and the artifact store) and multiplied as a zero-copy
+torch CSR view inside an autograd function: on ML-1M's adjacency (1M non-zeros, d = 128) torch's CSR product took
+10 ms on one thread and 6 ms on two, scipy's (single-threaded) 24 ms and ``torch.sparse.mm`` on COO 37 ms. The
+adjacency is symmetric, so its backward pass is the same product.
 """
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 
 import numpy as np
@@ -32,15 +35,26 @@ def normalized_adjacency(train: sp.csr_matrix, self_loops: bool = False) -> sp.c
     return out
 
 
+def torch_csr(matrix: sp.csr_matrix) -> torch.Tensor:
+    """A torch CSR tensor sharing ``matrix``'s arrays (no copy; scipy already keeps them valid)."""
+    indices = matrix.indices.astype(matrix.indptr.dtype, copy=False)
+    with warnings.catch_warnings():  # torch's "CSR support is in beta" notice, once per process
+        warnings.simplefilter("ignore", UserWarning)
+        return torch.sparse_csr_tensor(
+            torch.from_numpy(matrix.indptr), torch.from_numpy(indices), torch.from_numpy(matrix.data),
+            size=matrix.shape, check_invariants=False,
+        )
+
+
 class _SpMM(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, matrix: sp.csr_matrix, transposed: sp.csr_matrix) -> torch.Tensor:  # type: ignore[override]
         ctx.transposed = transposed
-        return torch.from_numpy(np.asarray(matrix @ x.detach().contiguous().numpy()))
+        return torch_csr(matrix) @ x.detach().contiguous()
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
-        return torch.from_numpy(np.asarray(ctx.transposed @ grad.contiguous().numpy())), None, None
+        return torch_csr(ctx.transposed) @ grad.contiguous(), None, None
 
 
 def sparse_matmul(matrix: sp.csr_matrix, transposed: sp.csr_matrix, x: torch.Tensor) -> torch.Tensor:
