@@ -120,7 +120,7 @@ class CompressedRecommender(nn.Module):
     def propagated(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Graph kinds: final (users, items) representations, computed once from the ragged ego tables."""
         if self._propagated is None:
-            # The sparse propagation runs on CPU (scipy); the result moves to the tables' device.
+            # The sparse propagation runs on CPU (models/graph.py); the result moves to the tables' device.
             device = self.tables["user"].values.device
             ego = torch.cat([self.tables["user"].to_dense(), self.tables["item"].to_dense()]).cpu()
             with torch.no_grad():
