@@ -9,7 +9,7 @@ their own steps, so that one process times a whole search. `--size-penalty`, `--
 `--item-quality`, `--random-steps`, `--reference-basis`, `--probe-top` and `--penalty-control` run them at another
 lambda, TD3 discount, eval(item), random warm-up, warm reference basis, candidate ranking or lambda control (rows
 record them as `size_penalty`, `gamma`, `item_quality`, `random_steps`, `reference_basis`, `probe_top` and
-`penalty_control`). Every row is tested under the same protocol as
+`penalty_control`; and the config's `fill_budget` and `candidates_from`). Every row is tested under the same protocol as
 the `es` rows (configs/ml1m-search.yaml: `final`). Takes hours on 2 cores: run it in the background with a log.
 
     OMP_NUM_THREADS=1 python bench/ml1m_search.py > ml1m_search.log 2>&1 &
@@ -231,6 +231,7 @@ def main(argv: list[str] | None = None) -> int:
                              random_steps=config.search.exploration.random_steps,
                              reference_basis=config.search.environment.reference_basis,
                              probe_top=config.search.probe_top, penalty_control=config.search.penalty_control,
+                             fill_budget=config.search.fill_budget, candidates_from=config.search.candidates_from,
                              retrain_workers=args.retrain_workers, process_seconds=seconds(summary["process_seconds"]),
                              own_steps=not reused)
                 append_jsonl(args.results, record)

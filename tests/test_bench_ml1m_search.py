@@ -123,23 +123,26 @@ def test_compare_table_takes_the_latest_epoch_row_per_method_and_budget(monkeypa
             {**row("ciess", 0.95, 0.12, 0.96), "size_penalty": 2.0, "item_quality": "hits", "random_steps": 20},
             {**row("ciess", 0.95, 0.11, 0.95), "reference_basis": "trained"},
             {**row("ciess", 0.9, 0.14, 0.9), "reference_basis": "principal"},
+            {**row("ciess", 0.9, 0.16, 0.9), "probe_top": 6, "penalty_control": "loosest"},
+            {**row("ciess", 0.9, 0.17, 0.9), "probe_top": 0, "penalty_control": "fixed"},
             row("full", 0.0, 0.5, 0.0), row("es", 0.8, 0.9, 0.8, model="ngcf"),
             {**row("es", 0.8, 0.21, 0.805), "seed": 1}, {**row("es", 0.8, 0.19, 0.805), "seed": 0}]
     monkeypatch.setattr(summarize, "read", lambda name: rows)
     summarize.ml1m_compare_table()
     lines = capsys.readouterr().out.splitlines()
     # the default settings' rows stay `ciess`; another seed gets its own column beside seed 0's
-    labels = ["es", "es seed=1", "ciess", "ciess basis=principal", "ciess λ=2", "ciess λ=2 items=hits",
-              "ciess λ=2 items=hits random=20", "ciess λ=2 γ=0"]
+    labels = ["es", "es seed=1", "ciess", "ciess basis=principal", "ciess probe=6 λ:loosest", "ciess λ=2",
+              "ciess λ=2 items=hits", "ciess λ=2 items=hits random=20", "ciess λ=2 γ=0"]
     assert lines[0] == "| c | " + " | ".join(labels) + " |"
-    assert lines[2] == ("| 0.8 | 0.1900 / 0.3800 (0.805) | 0.2100 / 0.4200 (0.805) | - | - | - | - | - "
+    assert lines[2] == ("| 0.8 | 0.1900 / 0.3800 (0.805) | 0.2100 / 0.4200 (0.805) | - | - | - | - | - | - "
                         "| 0.3000 / 0.6000 (0.820) |")
-    assert lines[3] == ("| 0.9 | - | - | 0.0500 / 0.1000 (0.950) | 0.1400 / 0.2800 (0.900) | 0.2500 / 0.5000 (0.910) "
-                        "| - | - | - |")
-    assert lines[4] == ("| 0.95 | - | - | 0.1100 / 0.2200 (0.950) | - | - | 0.1000 / 0.2000 (0.950) "
+    # the default probe_top and penalty_control (0, fixed) stay `ciess`: the latest such row replaces 0.05
+    assert lines[3] == ("| 0.9 | - | - | 0.1700 / 0.3400 (0.900) | 0.1400 / 0.2800 (0.900) | 0.1600 / 0.3200 (0.900) "
+                        "| 0.2500 / 0.5000 (0.910) | - | - | - |")
+    assert lines[4] == ("| 0.95 | - | - | 0.1100 / 0.2200 (0.950) | - | - | - | 0.1000 / 0.2000 (0.950) "
                         "| 0.1200 / 0.2400 (0.960) | - |")
     # the shown rows' code, not the replaced ones'
-    assert lines[5] == "| git | aaaaaaa | aaaaaaa | aaaaaaa | aaaaaaa | aaaaaaa | aaaaaaa | aaaaaaa | aaaaaaa |"
+    assert lines[5] == "| git | " + " | ".join(["aaaaaaa"] * 9) + " |"
     assert len(lines) == 6
 
 
@@ -301,6 +304,8 @@ def test_own_steps_times_a_whole_scaled_search_without_the_ciess_run(tmp_path, o
     rows = [json.loads(line) for line in results.read_text().splitlines()]
     assert [(r["method"], r["target_sparsity"], r["own_steps"]) for r in rows] == [
         ("ciess_scaled", c, True) for c in TINY.search.budgets]
+    # the variant's selection settings, which its method name implies, are recorded too
+    assert all(r["fill_budget"] is True and r["candidates_from"] == "loosest" for r in rows)
     for r in rows:
         assert 0 < r["search_seconds"] <= r["process_seconds"]  # the steps ran in this process
 
