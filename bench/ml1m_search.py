@@ -6,11 +6,12 @@ and `peak_rss_mb`. Methods: `ciess`, `ciess_no_walk`, `mr`, `freq`, `ciess_fill`
 retrained with `search.fill_budget`) and `ciess_scaled` (retrained with every budget taking the loosest budget's
 best configurations, shrunk into it and filled: `search.candidates_from: loosest`); with `--own-steps` these two run
 their own steps, so that one process times a whole search. `--size-penalty`, `--gamma`,
-`--item-quality`, `--random-steps`, `--reference-basis`, `--probe-top` and `--penalty-control` run them at another
-lambda, TD3 discount, eval(item), random warm-up, warm reference basis, candidate ranking or lambda control (rows
-record them as `size_penalty`, `gamma`, `item_quality`, `random_steps`, `reference_basis`, `probe_top` and
-`penalty_control`; and the config's `fill_budget` and `candidates_from`). Every row is tested under the same protocol as
-the `es` rows (configs/ml1m-search.yaml: `final`). Takes hours on 2 cores: run it in the background with a log.
+`--item-quality`, `--random-steps`, `--reference-basis`, `--probe-top`, `--penalty-control` and `--seed` run them at
+another lambda, TD3 discount, eval(item), random warm-up, warm reference basis, candidate ranking, lambda control or
+search seed (rows record them as `size_penalty`, `gamma`, `item_quality`, `random_steps`, `reference_basis`,
+`probe_top`, `penalty_control` and `seed`; and the config's `fill_budget` and `candidates_from`). Every row is tested
+under the same protocol as the `es` rows (configs/ml1m-search.yaml: `final`). Takes an hour or more on 2 cores: run
+it in the background with a log.
 
     OMP_NUM_THREADS=1 python bench/ml1m_search.py > ml1m_search.log 2>&1 &
 """
@@ -95,10 +96,11 @@ def shared_reference(base: SearchExperimentConfig) -> str:
 def with_search_settings(base: SearchExperimentConfig, size_penalty: float | None = None, gamma: float | None = None,
                          item_quality: str | None = None, random_steps: int | None = None,
                          reference_basis: str | None = None, probe_top: int | None = None,
-                         penalty_control: str | None = None) -> SearchExperimentConfig:
-    """The config's search at another lambda, TD3 discount, item quality signal, number of random warm-up steps or
-    reference basis, in its own output directory (``<output_dir>-lambda2-gamma0-items-hits-random20-principal``;
-    its variants get their suffix after it)."""
+                         penalty_control: str | None = None, seed: int | None = None) -> SearchExperimentConfig:
+    """The config's search at another lambda, TD3 discount, item quality signal, number of random warm-up steps,
+    reference basis, candidate ranking, lambda control or search seed, in its own output directory
+    (``<output_dir>-lambda2-gamma0-items-hits-random20-principal-probe6-track-seed1``; its variants get their suffix
+    after it)."""
     search, suffix = base.search, ""
     if size_penalty is not None and size_penalty != search.size_penalty:
         search, suffix = dataclasses.replace(search, size_penalty=size_penalty), f"{suffix}-lambda{size_penalty:g}"
@@ -118,6 +120,8 @@ def with_search_settings(base: SearchExperimentConfig, size_penalty: float | Non
         search, suffix = dataclasses.replace(search, probe_top=probe_top), f"{suffix}-probe{probe_top}"
     if penalty_control is not None and penalty_control != search.penalty_control:
         search, suffix = dataclasses.replace(search, penalty_control=penalty_control), f"{suffix}-track"
+    if seed is not None and seed != search.seed:  # the search's agents and exploration; the data split stays
+        search, suffix = dataclasses.replace(search, seed=seed), f"{suffix}-seed{seed}"
     if not suffix:
         return base
     return dataclasses.replace(base, search=search, output_dir=base.output_dir + suffix,
@@ -191,6 +195,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--penalty-control", choices=["fixed", "loosest"],
                         help="searches: loosest adapts lambda so the visited sparsity tracks the loosest budget, in "
                              "<output_dir>-track (the rows record it as penalty_control)")
+    parser.add_argument("--seed", type=int, metavar="N",
+                        help="searches: this search seed (agents, exploration, step training) instead of the "
+                             "config's, in <output_dir>-seed<N>; the data split and reference stay (rows record it "
+                             "as seed)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", force=True)
     base = load_yaml(SearchExperimentConfig, args.config)
@@ -205,7 +213,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.probe_top and args.probe_top < base.search.top_l:
         parser.error(f"--probe-top must be 0 or >= the config's top_l ({base.search.top_l}), got {args.probe_top}")
     searched = with_search_settings(base, args.size_penalty, args.gamma, args.item_quality, args.random_steps,
-                                    args.reference_basis, args.probe_top, args.penalty_control)
+                                    args.reference_basis, args.probe_top, args.penalty_control, args.seed)
     dataset = load_dataset(base.data, ROOT)
 
     for method in args.methods:

@@ -65,6 +65,10 @@ def test_another_lambda_or_gamma_searches_in_its_own_directory_with_the_shared_r
     tracked = with_search_settings(base, probe_top=4, penalty_control="loosest")
     assert tracked.output_dir == "/data/run-probe4-track" and tracked.search.penalty_control == "loosest"
     assert with_search_settings(base, penalty_control="fixed") is base
+    reseeded = with_search_settings(base, penalty_control="loosest", seed=1)
+    assert reseeded.output_dir == "/data/run-track-seed1" and reseeded.search.seed == 1
+    assert reseeded.data == base.data and reseeded.reference_dir == "/data/run/reference"  # same split and reference
+    assert with_search_settings(base, seed=base.search.seed) is base
 
 
 def test_reuse_refuses_a_search_whose_steps_are_unfinished(tmp_path):
