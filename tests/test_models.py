@@ -170,3 +170,26 @@ def test_the_principal_basis_refuses_what_it_cannot_rotate():
             rotate_to_principal_basis(_full_model(kind))
     with pytest.raises(ValueError, match="rotate the full-size model"):
         rotate_to_principal_basis(_model("lightgcn"))
+
+
+@pytest.mark.parametrize("index_dtype", [np.int32, np.int64])
+def test_the_sparse_product_and_its_gradient_match_the_dense_ones(index_dtype):
+    """The torch CSR view of a scipy matrix: a rectangular block (as the sharded search multiplies) and its own
+    transpose for the backward; int64 indices are what scipy uses for large matrices."""
+    from ciess_prod.models.graph import normalized_adjacency, propagate, sparse_matmul
+
+    rows = normalized_adjacency(_train_matrix())[5:25]
+    rows.indptr, rows.indices = rows.indptr.astype(index_dtype), rows.indices.astype(index_dtype)
+    dense = torch.from_numpy(rows.toarray())
+    x = torch.randn(rows.shape[1], D, requires_grad=True, generator=torch.Generator().manual_seed(0))
+    out = sparse_matmul(rows, rows.T.tocsr(), x)
+    grad_out = torch.randn(out.shape, generator=torch.Generator().manual_seed(1))
+    out.backward(grad_out)
+    torch.testing.assert_close(out, dense @ x.detach())
+    torch.testing.assert_close(x.grad, dense.T @ grad_out)
+    # the symmetric whole adjacency: its backward is the same product
+    adjacency = normalized_adjacency(_train_matrix())
+    y = torch.randn(adjacency.shape[0], D, requires_grad=True)
+    propagate(adjacency, y).sum().backward()
+    whole = torch.from_numpy(adjacency.toarray())
+    torch.testing.assert_close(y.grad, whole.T @ torch.ones(adjacency.shape[0], D))
