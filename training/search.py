@@ -28,6 +28,7 @@ from ciess_prod.config import ConfigError, load_yaml, read_yaml_mapping  # noqa:
 from ciess_prod.data import load_dataset  # noqa: E402
 from ciess_prod.distributed.ctr import CTREnvironment, CTRSearchExperimentConfig, load_ctr_data  # noqa: E402
 from ciess_prod.distributed.environment import process_device  # noqa: E402
+from ciess_prod.distributed.process import exit_skipping_finalisation  # noqa: E402
 from ciess_prod.distributed.recommender import RecEnvironment, ShardedSearchExperimentConfig  # noqa: E402
 from ciess_prod.distributed.search import run_sharded_search  # noqa: E402
 from ciess_prod.search.config import SearchExperimentConfig  # noqa: E402
@@ -113,10 +114,4 @@ if __name__ == "__main__":
     except ConfigError as exc:  # a bad config: one line that names the file and the problem
         print(f"training/search.py: error: {exc}", file=sys.stderr)
         sys.exit(2)
-    # Everything is written and the process group destroyed. Skip the interpreter's finalisation: gloo worker
-    # threads can still hold tensors then, and freeing them there aborts the process now and then ("terminate
-    # called without an active exception", seen after complete runs), which torchrun reports as a failure.
-    logging.shutdown()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code)
+    exit_skipping_finalisation(code)  # everything is written and the process group destroyed
