@@ -347,3 +347,19 @@ def test_probe_ranking_probes_the_pool_and_fits_both_picks_once(tmp_path, one_to
     with pytest.raises(SystemExit):
         probe_ranking([str(tmp_path / "nothing"), "--config", str(config_file), "--results", str(results)])
     assert "search_state.pt does not exist" in capsys.readouterr().err
+
+
+def test_sparse_product_bench_times_both_products_at_both_thread_counts(tmp_path, capsys):
+    from bench.sparse_product import main
+
+    path = tmp_path / "search.yaml"
+    path.write_text(yaml.safe_dump(to_dict(TINY)))
+    results = tmp_path / "sparse_product.jsonl"
+    threads = torch.get_num_threads()
+    assert main(["--config", str(path), "--repeats", "2", "--results", str(results)]) == 0
+    rows = [json.loads(line) for line in results.read_text().splitlines()]
+    assert [(r["implementation"], r["threads"]) for r in rows] == [
+        ("scipy", 1), ("torch_csr", 1), ("scipy", 2), ("torch_csr", 2)]
+    assert all(r["ms_per_product"] > 0 and r["d"] == TINY.model.d_max for r in rows)
+    assert torch.get_num_threads() == threads  # the caller's thread count is restored
+    assert capsys.readouterr().out.count("| torch_csr |") == 2
