@@ -23,7 +23,7 @@ from ciess_prod.search.environment import EnvironmentConfig, SizeEnvironment
 from ciess_prod.search.exploration import ExplorationConfig
 from ciess_prod.search.plan import budget_for
 from ciess_prod.search.record import ConfigurationRecord, Visited
-from ciess_prod.search.search import PENALTY_RANGE, STATE_FILE, build_states, next_penalty, rewards, run_search
+from ciess_prod.search.search import PENALTY_RANGE, STATE_FILE, build_states, next_penalty, reward_terms, run_search
 from ciess_prod.search.selection import budget_candidates
 from ciess_prod.train.trainer import TrainConfig, evaluate, fit
 
@@ -280,10 +280,11 @@ def test_states_and_rewards_follow_the_paper():
     quality = Quality(raw={"user": torch.tensor([0.3, 0.1], dtype=torch.float64)},
                       ratio={"user": torch.tensor([1.0, 0.5])})
     sizes = torch.tensor([128, 32])
-    paper = rewards(SearchConfig(), quality, "user", sizes, 128, penalty=0.4)
-    torch.testing.assert_close(paper, torch.tensor([1.0 - 0.4, 0.5 - 0.4 / 16]))
-    code = rewards(SearchConfig(reward="code"), quality, "user", sizes, 128, penalty=0.01)
-    torch.testing.assert_close(code, torch.tensor([0.3 - 0.01 * (127 / 128) ** 2, 0.1 - 0.01 * (31 / 128) ** 2]))
+    gain, cost = reward_terms(SearchConfig(), quality, "user", sizes, 128)
+    torch.testing.assert_close(gain - 0.4 * cost, torch.tensor([1.0 - 0.4, 0.5 - 0.4 / 16]))
+    gain, cost = reward_terms(SearchConfig(reward="code"), quality, "user", sizes, 128)
+    torch.testing.assert_close(gain - 0.01 * cost,
+                               torch.tensor([0.3 - 0.01 * (127 / 128) ** 2, 0.1 - 0.01 * (31 / 128) ** 2]))
 
 
 def test_penalty_control_steps_lambda_towards_the_loosest_budget():

@@ -216,3 +216,22 @@ def test_pre_tanh_limit_keeps_the_actor_movable():
     pre_tanh, sizes = _shifted_optimum(limit=None)
     assert float(pre_tanh.mean()) < -3.0  # saturated ...
     assert float(sizes.mean()) < 20.0  # ... and stuck near the old optimum
+
+
+def test_the_actor_answers_a_changed_penalty_without_new_transitions():
+    """One buffer of (gain, cost) transitions, gain rising with size: at a high penalty the actor goes small, and
+    when the penalty falls the same stored transitions, re-priced, move it back up."""
+    agent = TD3Agent(TD3Config(hidden=64, batch_size=256, gamma=0.0), D_MAX, seed=0)
+    g = torch.Generator().manual_seed(4)
+    states = torch.rand(4096, STATE_DIM, generator=g) * 2 - 1
+    sizes = torch.randint(1, D_MAX + 1, (4096,), generator=g).float()
+    gains = torch.sqrt(sizes / D_MAX)  # concave: the best size falls as the penalty rises
+    buf = ReplayBuffer(max_bytes=1 << 20, seed=0)
+    buf.add(states, sizes, gains, states, True, costs=(sizes / D_MAX) ** 2)
+    means = []
+    for penalty in (4.0, 0.1):  # optimum of sqrt(x) - penalty x^2: x = (4 penalty)^(-2/3), x <= 1
+        for _ in range(400):
+            agent.update(buf, penalty=penalty)
+        means.append(float(agent.act(states[:1000]).mean()))
+    assert means[0] < 0.25 * D_MAX  # (16)^(-2/3) = 0.16 of d_max
+    assert means[1] > 0.75 * D_MAX  # (0.4)^(-2/3) > 1: the largest size

@@ -1,4 +1,4 @@
-"""Replay buffer: byte bound, ring wrap-around, subsampling, seeded sampling, checkpoint round trip."""
+"""Replay buffer: byte bound, ring wrap-around, subsampling, seeded sampling, pricing, checkpoint round trip."""
 
 import pytest
 import torch
@@ -6,7 +6,7 @@ import torch
 from ciess_prod.search.buffer import ReplayBuffer
 
 S = 3
-BPT = (2 * S + 3) * 4  # bytes per transition
+BPT = (2 * S + 4) * 4  # bytes per transition
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -45,6 +45,7 @@ def test_add_stores_fields():
     torch.testing.assert_close(cols[:, S + 1], rewards)
     torch.testing.assert_close(cols[:, S + 2 : 2 * S + 2], next_states)
     torch.testing.assert_close(cols[:, 2 * S + 2], done.float())
+    assert bool((cols[:, 2 * S + 3] == 0).all())  # no costs: a plain reward
     buf.add(*_step(2), True)
     assert bool((buf.data[7:9, 2 * S + 2] == 1.0).all())
 
@@ -105,7 +106,7 @@ def test_state_dict_round_trip_continues_identically():
     a.add(*_step(70, offset=0), False, max_rows=30)
     a.add(*_step(40, offset=500), True)  # wraps
     state = a.state_dict()
-    assert state["data"].shape == (50, 2 * S + 3)
+    assert state["data"].shape == (50, 2 * S + 4)
     b = ReplayBuffer(max_bytes=50 * BPT, seed=123)
     b.load_state_dict(state)
     assert len(b) == len(a) and b.pos == a.pos
@@ -131,3 +132,39 @@ def test_shape_validation():
         buf.add(states, sizes, rewards, next_states[:, :2], False)
     with pytest.raises(ValueError, match="max_rows"):
         buf.add(states, sizes, rewards, next_states, False, max_rows=0)
+
+
+def test_sampled_rewards_are_priced_at_the_penalty_given():
+    """reward - penalty * cost at sampling time: one stored transition, re-priced as the penalty changes."""
+    buf = ReplayBuffer(max_bytes=100 * BPT, seed=1)
+    states, sizes, rewards, next_states = _step(6)
+    costs = torch.linspace(0.0, 1.0, 6)
+    buf.add(states, sizes, rewards, next_states, False, costs=costs)
+    torch.testing.assert_close(buf.data[:6, 2 * S + 3], costs)
+    for penalty in (0.0, 0.4, 3.0):
+        buf.generator.manual_seed(7)
+        _, got_sizes, got_rewards, _, _ = buf.sample(50, penalty)
+        rows = got_sizes.long()
+        torch.testing.assert_close(got_rewards, rewards[rows] - penalty * costs[rows])
+    with pytest.raises(ValueError, match="costs"):
+        buf.add(states, sizes, rewards, next_states, False, costs=costs[:3])
+
+
+def test_loads_a_state_saved_before_the_cost_column():
+    """An older snapshot (one reward column, capacity for 2 S + 3 floats) keeps its rewards at cost 0."""
+    max_bytes = 50 * BPT
+    old_capacity = max_bytes // ((2 * S + 3) * 4)
+    states, sizes, rewards, next_states = _step(20)
+    data = torch.cat([states, sizes[:, None], rewards[:, None], next_states, torch.zeros(20, 1)], dim=1)
+    generator = torch.Generator().manual_seed(0).get_state()
+    old = {"data": data, "pos": 20, "size": 20, "capacity": old_capacity, "state_dim": S, "generator": generator}
+    buf = ReplayBuffer(max_bytes=max_bytes)
+    buf.load_state_dict(old)
+    assert len(buf) == 20 and buf.pos == 20
+    _, got_sizes, got_rewards, _, _ = buf.sample(40, penalty=5.0)
+    torch.testing.assert_close(got_rewards, rewards[got_sizes.long()])  # priced as when saved
+    wrapped = {**old, "pos": 3}
+    with pytest.raises(ValueError, match="unwrapped"):
+        ReplayBuffer(max_bytes=max_bytes).load_state_dict(wrapped)
+    with pytest.raises(ValueError, match="capacity"):
+        ReplayBuffer(max_bytes=2 * max_bytes).load_state_dict(old)

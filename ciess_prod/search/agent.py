@@ -224,8 +224,10 @@ class TD3Agent:
         buffer: ReplayBuffer,
         batch_size: int | None = None,
         sync_grads: Callable[[nn.Module], None] | None = None,
+        penalty: float = 0.0,
     ) -> dict[str, float]:
-        """``updates_per_step`` TD3 updates on minibatches from ``buffer``.
+        """``updates_per_step`` TD3 updates on minibatches from ``buffer``, their rewards priced at ``penalty``
+        (the buffer's stored reward - penalty * cost).
 
         A distributed search passes its per-rank ``batch_size`` and ``sync_grads``, called on each network after
         backward and before the optimizer step (an all-reduce mean), so replicas stay identical.
@@ -242,7 +244,7 @@ class TD3Agent:
         critic_losses: list[Tensor] = []
         actor_losses: list[Tensor] = []
         for _ in range(cfg.updates_per_step):
-            batch = buffer.sample(batch_size)
+            batch = buffer.sample(batch_size, penalty)
             states, sizes, rewards, next_states, dones = (x.to(self.device) for x in batch)  # [B, 3], [B], ...
 
             with torch.no_grad():

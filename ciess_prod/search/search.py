@@ -60,14 +60,16 @@ def build_states(popularity: torch.Tensor, sizes: torch.Tensor, quality: torch.T
     return torch.stack([popularity, size, quality.to(torch.float32)], dim=1)
 
 
-def rewards(
-    config: SearchConfig, quality: Quality, side: str, sizes: torch.Tensor, d_max: int, penalty: float
-) -> torch.Tensor:
-    """r_n = q_n - lambda (d_n / d_max)^2 [P]; the code's variant uses raw eval and ((d_n - 1) / d_max)^2 [C]."""
+def reward_terms(
+    config: SearchConfig, quality: Quality, side: str, sizes: torch.Tensor, d_max: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The reward r_n = gain_n - lambda cost_n as (gain, cost): q_n and (d_n / d_max)^2 [P]; the code's variant uses
+    raw eval and ((d_n - 1) / d_max)^2 [C]. Kept apart so the replay buffer prices every transition at the current
+    lambda."""
     d = sizes.to(torch.float32)
     if config.reward == "paper":
-        return quality.ratio[side] - penalty * (d / d_max) ** 2
-    return quality.raw[side].to(torch.float32) - penalty * ((d - 1) / d_max) ** 2
+        return quality.ratio[side], (d / d_max) ** 2
+    return quality.raw[side].to(torch.float32), ((d - 1) / d_max) ** 2
 
 
 PENALTY_RANGE = (1e-3, 1e3)  # bounds on an adapted lambda
@@ -240,20 +242,21 @@ def run_search(
         quality = env.evaluate(new_sizes, step_seed=search.seed * 100_003 + state.step)
         done = step == search.steps_per_episode - 1
         entry: dict[str, float] = {"episode": episode, "step": step, "global_step": state.step}
+        step_rewards = []
         for s in SIDES:
             next_states = build_states(pop_state[s], new_sizes[s], quality.ratio[s], d_max)
-            reward = rewards(search, quality, s, new_sizes[s], d_max, state.penalty)
+            gain, cost = reward_terms(search, quality, s, new_sizes[s], d_max)
             state.buffers[s].add(
-                states[s], new_sizes[s].float(), reward, next_states, done, max_rows=search.rows_per_step
+                states[s], new_sizes[s].float(), gain, next_states, done, max_rows=search.rows_per_step, costs=cost
             )
-            losses = state.agents[s].update(state.buffers[s])
+            losses = state.agents[s].update(state.buffers[s], penalty=state.penalty)
+            reward = gain - state.penalty * cost
+            step_rewards.append(reward)
             entry[f"mean_reward_{s}"] = float(reward.mean())
             entry[f"mean_size_{s}"] = float(new_sizes[s].float().mean())
             entry[f"mean_q_{s}"] = float(quality.ratio[s].mean())
             entry.update({f"{k}_{s}": v for k, v in losses.items()})
-        entry["mean_reward"] = float(
-            torch.cat([rewards(search, quality, s, new_sizes[s], d_max, state.penalty) for s in SIDES]).mean()
-        )
+        entry["mean_reward"] = float(torch.cat(step_rewards).mean())
         entry["sparsity"] = sparsity([new_sizes[s] for s in SIDES], d_max)
         entry["size_penalty"] = state.penalty
         state.penalty = next_penalty(search, state.penalty, entry["sparsity"])
