@@ -119,7 +119,8 @@ def with_search_settings(base: SearchExperimentConfig, size_penalty: float | Non
     if probe_top is not None and probe_top != search.probe_top:
         search, suffix = dataclasses.replace(search, probe_top=probe_top), f"{suffix}-probe{probe_top}"
     if penalty_control is not None and penalty_control != search.penalty_control:
-        search, suffix = dataclasses.replace(search, penalty_control=penalty_control), f"{suffix}-track"
+        control_suffix = {"fixed": "-fixed", "loosest": "-track", "signed": "-signed"}[penalty_control]
+        search, suffix = dataclasses.replace(search, penalty_control=penalty_control), suffix + control_suffix
     if seed is not None and seed != search.seed:  # the search's agents and exploration; the data split stays
         search, suffix = dataclasses.replace(search, seed=seed), f"{suffix}-seed{seed}"
     if not suffix:
@@ -192,9 +193,11 @@ def main(argv: list[str] | None = None) -> int:
                         help="searches: rank the best N configurations per budget by a short retraining before the "
                              "top-l are fully retrained (0: by mean q), in <output_dir>-probe<N> (the rows record it "
                              "as probe_top)")
-    parser.add_argument("--penalty-control", choices=["fixed", "loosest"],
-                        help="searches: loosest adapts lambda so the visited sparsity tracks the loosest budget, in "
-                             "<output_dir>-track (the rows record it as penalty_control)")
+    parser.add_argument("--penalty-control", choices=["fixed", "loosest", "signed"],
+                        help="searches: loosest adapts lambda (kept positive) so the visited sparsity tracks the "
+                             "loosest budget, in <output_dir>-track; signed lets lambda go below 0, in "
+                             "<output_dir>-signed; fixed keeps it, in <output_dir>-fixed (the rows record it as "
+                             "penalty_control)")
     parser.add_argument("--seed", type=int, metavar="N",
                         help="searches: this search seed (agents, exploration, step training) instead of the "
                              "config's, in <output_dir>-seed<N>; the data split and reference stay (rows record it "

@@ -69,6 +69,8 @@ def test_another_lambda_or_gamma_searches_in_its_own_directory_with_the_shared_r
     assert reseeded.output_dir == "/data/run-track-seed1" and reseeded.search.seed == 1
     assert reseeded.data == base.data and reseeded.reference_dir == "/data/run/reference"  # same split and reference
     assert with_search_settings(base, seed=base.search.seed) is base
+    signed = with_search_settings(base, penalty_control="signed", seed=2)
+    assert signed.output_dir == "/data/run-signed-seed2" and signed.search.penalty_control == "signed"
 
 
 def test_reuse_refuses_a_search_whose_steps_are_unfinished(tmp_path):

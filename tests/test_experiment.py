@@ -174,8 +174,9 @@ def test_split_config_is_honoured():
     ({"environment": {"item_quality": "hits"}}, "item_quality 'hits' is not supported by the sharded search"),
     ({"fill_budget": True}, "fill_budget and search.reward 'code' are not supported"),
     ({"candidates_from": "loosest"}, "candidates_from 'loosest' is not supported by the sharded search"),
-    ({"probe_top": 4}, "probe_top and search.penalty_control 'loosest' are not supported"),
-    ({"penalty_control": "loosest"}, "probe_top and search.penalty_control 'loosest' are not supported"),
+    ({"probe_top": 4}, "probe_top and an adapted search.penalty_control"),
+    ({"penalty_control": "loosest"}, "probe_top and an adapted search.penalty_control"),
+    ({"penalty_control": "signed"}, "probe_top and an adapted search.penalty_control"),
 ])
 def test_the_ctr_search_refuses_single_process_only_options(change, message):
     from ciess_prod.distributed.ctr import CTRSearchExperimentConfig

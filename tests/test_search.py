@@ -301,6 +301,12 @@ def test_penalty_control_steps_lambda_towards_the_loosest_budget():
     assert next_penalty(track, 0.4, 0.82) == pytest.approx(0.4)
     assert next_penalty(track, 0.4, 0.0) == pytest.approx(0.4 * math.exp(0.5))  # gap 4.6, clipped to 1
     assert next_penalty(track, PENALTY_RANGE[1], 0.0) == PENALTY_RANGE[1]
+    signed = dataclasses.replace(track, penalty_control="signed")
+    assert next_penalty(signed, 0.4, 1 - 0.5 * target_density) == pytest.approx(0.4 - 0.25)  # gap -0.5, on lambda
+    assert next_penalty(signed, 0.1, 1 - 0.5 * target_density) == pytest.approx(0.1 - 0.25)  # may go below 0
+    assert next_penalty(signed, -0.3, 0.0) == pytest.approx(-0.3 + 0.5)  # gap clipped to 1
+    assert next_penalty(signed, -PENALTY_RANGE[1], 0.99) == -PENALTY_RANGE[1]
+    assert dataclasses.replace(signed, size_penalty=0.0).size_penalty == 0.0  # may start from 0
     for bad, message in (({"penalty_rate": 0.0}, "penalty_rate must be > 0"),
                          ({"penalty_margin": 0.2}, "penalty_margin must lie in"),
                          ({"penalty_control": "loosest", "size_penalty": 0.0}, "needs size_penalty > 0")):
@@ -308,10 +314,11 @@ def test_penalty_control_steps_lambda_towards_the_loosest_budget():
             dataclasses.replace(fixed, **bad)
 
 
-def test_a_tracking_search_records_and_resumes_its_lambda(tmp_path):
+@pytest.mark.parametrize("control", ["loosest", "signed"])
+def test_a_tracking_search_records_and_resumes_its_lambda(tmp_path, control):
     """Every step records the lambda it used, the next one follows next_penalty, and a resumed run continues
     from the saved lambda to the uninterrupted result."""
-    changes = {"penalty_control": "loosest", "penalty_rate": 1.0, "size_penalty": 0.1}
+    changes = {"penalty_control": control, "penalty_rate": 1.0, "size_penalty": 0.1}
     whole = _tiny(tmp_path, "track", **changes)
     run_search(whole, stop_after_steps=5)
     history = torch.load(Path(whole.output_dir) / STATE_FILE, weights_only=True)["history"]
@@ -326,6 +333,21 @@ def test_a_tracking_search_records_and_resumes_its_lambda(tmp_path):
     resumed = torch.load(Path(split.output_dir) / STATE_FILE, weights_only=True)["history"]
     assert [e["size_penalty"] for e in resumed] == [e["size_penalty"] for e in history]
     assert [e["mean_reward"] for e in resumed] == [e["mean_reward"] for e in history]
+
+
+def test_a_signed_lambda_below_zero_pays_a_too_sparse_search_for_size(tmp_path):
+    """Under `signed`, a search sparser than its target (here: the dense budget 0) drives lambda below 0, and from
+    then on every row's reward exceeds its q: the size term pays instead of charging."""
+    config = _tiny(tmp_path, budgets=(0.0, 0.8), penalty_control="signed", penalty_rate=1.0, penalty_margin=0.0,
+                   size_penalty=0.05)
+    run_search(config, stop_after_steps=4)
+    history = torch.load(Path(config.output_dir) / STATE_FILE, weights_only=True)["history"]
+    assert all(e["sparsity"] > 0 for e in history)
+    paid = [e for e in history if e["size_penalty"] < 0]
+    assert paid, [e["size_penalty"] for e in history]
+    for entry in paid:
+        for side in ("user", "item"):
+            assert entry[f"mean_reward_{side}"] > entry[f"mean_q_{side}"]
 
 
 @pytest.mark.parametrize("protocol", ["warm", "paper"])

@@ -40,8 +40,8 @@ def refuse_unsupported(search: SearchConfig) -> None:
     if search.candidates_from != "budget":
         raise ValueError("search.candidates_from 'loosest' is not supported by the sharded search")
     if search.probe_top or search.penalty_control != "fixed":
-        raise ValueError("search.probe_top and search.penalty_control 'loosest' are not supported by the sharded "
-                         "search")
+        raise ValueError("search.probe_top and an adapted search.penalty_control ('loosest', 'signed') are not "
+                         "supported by the sharded search")
     if search.environment.item_quality != "users":
         raise ValueError("search.environment.item_quality 'hits' is not supported by the sharded search (the "
                          "sharded ranking does not count item hits)")

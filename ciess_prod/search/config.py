@@ -34,9 +34,11 @@ class SearchConfig:
     probe_batches: int = 1000  # the probe's training length (the full retraining's first batches, same recipe) [I]
     # fixed: lambda stays size_penalty [P]. loosest: after every step lambda takes a dual-ascent step (next_penalty)
     # so that the visited sparsity tracks the loosest budget plus penalty_margin: a fixed lambda meets the budgets only
-    # where the actor happens to settle, which differs between seeds [I]
-    penalty_control: Literal["fixed", "loosest"] = "fixed"
-    penalty_rate: float = 0.3  # change of log lambda per step per unit of relative density gap (gap clipped to +-1)
+    # where the actor happens to settle, which differs between seeds [I]. signed: the same step on lambda itself,
+    # which may go below 0 and then pays for size, so a too-sparse actor is pulled back [I]
+    penalty_control: Literal["fixed", "loosest", "signed"] = "fixed"
+    # change per step per unit of relative density gap (gap clipped to +-1): of log lambda (loosest), of lambda (signed)
+    penalty_rate: float = 0.3
     penalty_margin: float = 0.02  # the tracked sparsity is the loosest budget plus this, so visits meet it
     replay_bytes: int = 256 << 20  # replay buffer bound per agent (bytes)
     rows_per_step: int | None = None  # subsample this many rows per side into the buffer each step (large tables)
@@ -62,7 +64,7 @@ class SearchConfig:
             raise ValueError(f"penalty_rate must be > 0, got {self.penalty_rate}")
         if not 0 <= self.penalty_margin < 1 - min(self.budgets):
             raise ValueError(f"penalty_margin must lie in [0, 1 - the loosest budget), got {self.penalty_margin}")
-        if self.penalty_control != "fixed" and not self.size_penalty > 0:
+        if self.penalty_control == "loosest" and not self.size_penalty > 0:
             raise ValueError("penalty_control 'loosest' scales lambda and needs size_penalty > 0 to start from")
         if self.size_penalty < 0:
             raise ValueError(f"size_penalty must be >= 0, got {self.size_penalty}")

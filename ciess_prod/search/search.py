@@ -72,19 +72,24 @@ def reward_terms(
     return quality.raw[side].to(torch.float32), ((d - 1) / d_max) ** 2
 
 
-PENALTY_RANGE = (1e-3, 1e3)  # bounds on an adapted lambda
+PENALTY_RANGE = (1e-3, 1e3)  # bounds on lambda under `loosest`; `signed` keeps |lambda| <= PENALTY_RANGE[1]
 
 
 def next_penalty(config: SearchConfig, penalty: float, sparsity: float) -> float:
-    """Lambda for the next step. Under ``penalty_control: loosest`` one dual-ascent step on log lambda: a visited
-    configuration denser than the target (the loosest budget plus ``penalty_margin``) raises lambda and a sparser one
-    lowers it, in proportion to the gap relative to the target's density (clipped to +-1)."""
+    """Lambda for the next step: one dual-ascent step towards the target sparsity (the loosest budget plus
+    ``penalty_margin``). A visited configuration denser than the target raises lambda and a sparser one lowers it, in
+    proportion to the gap relative to the target's density (clipped to +-1).
+
+    ``loosest`` steps log lambda, so lambda stays positive: once an actor is too sparse its one lever is lambda near
+    0, where the gain hardly answers a row's own size and nothing pulls sizes back up. ``signed`` steps lambda itself
+    (the target is an equality constraint, so its multiplier is signed): below 0 the reward pays for size."""
     if config.penalty_control == "fixed":
         return penalty
     target_density = 1 - (min(config.budgets) + config.penalty_margin)
     gap = min(max(((1 - sparsity) - target_density) / target_density, -1.0), 1.0)
+    if config.penalty_control == "signed":
+        return min(max(penalty + config.penalty_rate * gap, -PENALTY_RANGE[1]), PENALTY_RANGE[1])
     return min(max(penalty * math.exp(config.penalty_rate * gap), PENALTY_RANGE[0]), PENALTY_RANGE[1])
-
 
 
 # ---- the search ----------------------------------------------------------------------------------------
