@@ -6,10 +6,11 @@ and `peak_rss_mb`. Methods: `ciess`, `ciess_no_walk`, `mr`, `freq`, `ciess_fill`
 retrained with `search.fill_budget`) and `ciess_scaled` (retrained with every budget taking the loosest budget's
 best configurations, shrunk into it and filled: `search.candidates_from: loosest`); with `--own-steps` these two run
 their own steps, so that one process times a whole search. `--size-penalty`, `--gamma`,
-`--item-quality`, `--random-steps`, `--reference-basis`, `--probe-top`, `--penalty-control` and `--seed` run them at
-another lambda, TD3 discount, eval(item), random warm-up, warm reference basis, candidate ranking, lambda control or
-search seed (rows record them as `size_penalty`, `gamma`, `item_quality`, `random_steps`, `reference_basis`,
-`probe_top`, `penalty_control` and `seed`; and the config's `fill_budget` and `candidates_from`). Every row is tested
+`--item-quality`, `--random-steps`, `--reference-basis`, `--probe-top`, `--penalty-control`, `--penalty-gain` and
+`--seed` run them at another lambda, TD3 discount, eval(item), random warm-up, warm reference basis, candidate ranking,
+lambda control, lambda's proportional gain or search seed (rows record them as `size_penalty`, `gamma`,
+`item_quality`, `random_steps`, `reference_basis`, `probe_top`, `penalty_control`, `penalty_gain` and `seed`; and the
+config's `fill_budget` and `candidates_from`). Every row is tested
 under the same protocol as the `es` rows (configs/ml1m-search.yaml: `final`). Takes an hour or more on 2 cores: run
 it in the background with a log.
 
@@ -96,11 +97,12 @@ def shared_reference(base: SearchExperimentConfig) -> str:
 def with_search_settings(base: SearchExperimentConfig, size_penalty: float | None = None, gamma: float | None = None,
                          item_quality: str | None = None, random_steps: int | None = None,
                          reference_basis: str | None = None, probe_top: int | None = None,
-                         penalty_control: str | None = None, seed: int | None = None) -> SearchExperimentConfig:
+                         penalty_control: str | None = None, seed: int | None = None,
+                         penalty_gain: float | None = None) -> SearchExperimentConfig:
     """The config's search at another lambda, TD3 discount, item quality signal, number of random warm-up steps,
-    reference basis, candidate ranking, lambda control or search seed, in its own output directory
-    (``<output_dir>-lambda2-gamma0-items-hits-random20-principal-probe6-track-seed1``; its variants get their suffix
-    after it)."""
+    reference basis, candidate ranking, lambda control, lambda's proportional gain or search seed, in its own output
+    directory (``<output_dir>-lambda2-gamma0-items-hits-random20-principal-probe6-track-gain1-seed1``; its variants get
+    their suffix after it)."""
     search, suffix = base.search, ""
     if size_penalty is not None and size_penalty != search.size_penalty:
         search, suffix = dataclasses.replace(search, size_penalty=size_penalty), f"{suffix}-lambda{size_penalty:g}"
@@ -121,6 +123,8 @@ def with_search_settings(base: SearchExperimentConfig, size_penalty: float | Non
     if penalty_control is not None and penalty_control != search.penalty_control:
         control_suffix = {"fixed": "-fixed", "loosest": "-track", "signed": "-signed"}[penalty_control]
         search, suffix = dataclasses.replace(search, penalty_control=penalty_control), suffix + control_suffix
+    if penalty_gain is not None and penalty_gain != search.penalty_gain:
+        search, suffix = dataclasses.replace(search, penalty_gain=penalty_gain), f"{suffix}-gain{penalty_gain:g}"
     if seed is not None and seed != search.seed:  # the search's agents and exploration; the data split stays
         search, suffix = dataclasses.replace(search, seed=seed), f"{suffix}-seed{seed}"
     if not suffix:
@@ -198,6 +202,10 @@ def main(argv: list[str] | None = None) -> int:
                              "loosest budget, in <output_dir>-track; signed lets lambda go below 0, in "
                              "<output_dir>-signed; fixed keeps it, in <output_dir>-fixed (the rows record it as "
                              "penalty_control)")
+    parser.add_argument("--penalty-gain", type=float, metavar="KP",
+                        help="searches: lambda's proportional gain under an adapted --penalty-control (a PI "
+                             "controller; 0: pure dual ascent), in <output_dir>-gain<KP> (rows record it as "
+                             "penalty_gain)")
     parser.add_argument("--seed", type=int, metavar="N",
                         help="searches: this search seed (agents, exploration, step training) instead of the "
                              "config's, in <output_dir>-seed<N>; the data split and reference stay (rows record it "
@@ -209,6 +217,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--size-penalty must be a number >= 0, got {args.size_penalty}")
     if args.gamma is not None and not 0 <= args.gamma <= 1:
         parser.error(f"--gamma must lie in [0, 1], got {args.gamma}")
+    if args.penalty_gain is not None and not args.penalty_gain >= 0:
+        parser.error(f"--penalty-gain must be a number >= 0, got {args.penalty_gain}")
     if args.random_steps is not None and args.random_steps < 0:
         parser.error(f"--random-steps must be >= 0, got {args.random_steps}")
     if args.own_steps and not set(args.methods) & set(RETRAINED):
@@ -216,7 +226,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.probe_top and args.probe_top < base.search.top_l:
         parser.error(f"--probe-top must be 0 or >= the config's top_l ({base.search.top_l}), got {args.probe_top}")
     searched = with_search_settings(base, args.size_penalty, args.gamma, args.item_quality, args.random_steps,
-                                    args.reference_basis, args.probe_top, args.penalty_control, args.seed)
+                                    args.reference_basis, args.probe_top, args.penalty_control, args.seed,
+                                    penalty_gain=args.penalty_gain)
     dataset = load_dataset(base.data, ROOT)
 
     for method in args.methods:
@@ -242,6 +253,7 @@ def main(argv: list[str] | None = None) -> int:
                              random_steps=config.search.exploration.random_steps,
                              reference_basis=config.search.environment.reference_basis,
                              probe_top=config.search.probe_top, penalty_control=config.search.penalty_control,
+                             penalty_gain=config.search.penalty_gain,
                              fill_budget=config.search.fill_budget, candidates_from=config.search.candidates_from,
                              retrain_workers=args.retrain_workers, process_seconds=seconds(summary["process_seconds"]),
                              own_steps=not reused)

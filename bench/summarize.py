@@ -67,9 +67,9 @@ SIZE_METHODS = ("es", "mr", "freq", "ciess", "ciess_no_walk", "ciess_fill", "cie
 
 def method_label(r: dict) -> str:
     """The method, with its lambda, TD3 discount, item quality signal, random warm-up, reference basis, probe ranking,
-    lambda control and seed where a run used other than the defaults (``--size-penalty``, ``--gamma``,
-    ``--item-quality``, ``--random-steps``, ``--reference-basis``, ``--probe-top``, ``--penalty-control``,
-    ``--seed``, or a config setting them)."""
+    lambda control, its proportional gain and seed where a run used other than the defaults (``--size-penalty``,
+    ``--gamma``, ``--item-quality``, ``--random-steps``, ``--reference-basis``, ``--probe-top``,
+    ``--penalty-control``, ``--penalty-gain``, ``--seed``, or a config setting them)."""
     label = r["method"]
     if r.get("size_penalty") not in (None, DEFAULT_SIZE_PENALTY):
         label += f" λ={r['size_penalty']:g}"
@@ -85,6 +85,8 @@ def method_label(r: dict) -> str:
         label += f" probe={r['probe_top']}"
     if r.get("penalty_control") not in (None, "fixed"):
         label += f" λ:{r['penalty_control']}"
+    if r.get("penalty_gain"):
+        label += f" Kp={r['penalty_gain']:g}"
     if r.get("seed"):  # another training (es) or search (ciess) seed: a measure of seed-to-seed spread
         label += f" seed={r['seed']}"
     return label

@@ -71,6 +71,9 @@ def test_another_lambda_or_gamma_searches_in_its_own_directory_with_the_shared_r
     assert with_search_settings(base, seed=base.search.seed) is base
     signed = with_search_settings(base, penalty_control="signed", seed=2)
     assert signed.output_dir == "/data/run-signed-seed2" and signed.search.penalty_control == "signed"
+    damped = with_search_settings(base, penalty_control="signed", seed=2, penalty_gain=1.5)
+    assert damped.output_dir == "/data/run-signed-gain1.5-seed2" and damped.search.penalty_gain == 1.5
+    assert with_search_settings(base, penalty_gain=0.0) is base
 
 
 def test_reuse_refuses_a_search_whose_steps_are_unfinished(tmp_path):
@@ -150,6 +153,9 @@ def test_compare_table_takes_the_latest_epoch_row_per_method_and_budget(monkeypa
     # the shown rows' code, not the replaced ones'
     assert lines[5] == "| git | " + " | ".join(["aaaaaaa"] * 9) + " |"
     assert len(lines) == 6
+    damped = {**row("ciess", 0.8, 0.2, 0.8), "penalty_control": "signed", "penalty_gain": 1.5, "seed": 2}
+    assert summarize.method_label(damped) == "ciess λ:signed Kp=1.5 seed=2"
+    assert summarize.method_label({**damped, "penalty_gain": 0.0}) == "ciess λ:signed seed=2"
 
 
 def test_search_diagnosis_reads_a_finished_search(tmp_path, one_torch_thread):
@@ -210,6 +216,8 @@ def test_search_diagnosis_measures_the_random_warm_up(tmp_path, one_torch_thread
     ("--retrain-workers", "0", "expected an integer >= 1"),
     ("--probe-top", "-1", "--probe-top must be 0 or >= the config's top_l"),
     ("--penalty-control", "pid", "invalid choice: 'pid'"),
+    ("--penalty-gain", "-1", "--penalty-gain must be a number >= 0"),
+    ("--penalty-gain", "nan", "--penalty-gain must be a number >= 0"),
 ])
 def test_a_bad_lambda_or_gamma_is_refused_before_any_work(flag, value, message, capsys):
     from bench.ml1m_search import main

@@ -292,40 +292,68 @@ def test_penalty_control_steps_lambda_towards_the_loosest_budget():
     exp(rate * relative gap) with the gap clipped to +-1, within PENALTY_RANGE; `fixed` never moves it."""
     import math
 
+    def step(config: SearchConfig, integral: float, sparsity: float) -> float:
+        new_integral, penalty = next_penalty(config, integral, sparsity)
+        assert new_integral == penalty  # no proportional gain: lambda is the integral
+        return penalty
+
     fixed = SearchConfig(budgets=(0.8, 0.9), size_penalty=0.4)
-    assert next_penalty(fixed, 0.4, 0.1) == 0.4
+    assert step(fixed, 0.4, 0.1) == 0.4
     track = dataclasses.replace(fixed, penalty_control="loosest", penalty_rate=0.5, penalty_margin=0.02)
     target_density = 1 - 0.82
-    assert next_penalty(track, 0.4, 1 - 0.5 * target_density) == pytest.approx(0.4 * math.exp(-0.25))  # gap -0.5
-    assert next_penalty(track, 0.4, 1 - 1.5 * target_density) == pytest.approx(0.4 * math.exp(0.25))  # gap +0.5
-    assert next_penalty(track, 0.4, 0.82) == pytest.approx(0.4)
-    assert next_penalty(track, 0.4, 0.0) == pytest.approx(0.4 * math.exp(0.5))  # gap 4.6, clipped to 1
-    assert next_penalty(track, PENALTY_RANGE[1], 0.0) == PENALTY_RANGE[1]
+    assert step(track, 0.4, 1 - 0.5 * target_density) == pytest.approx(0.4 * math.exp(-0.25))  # gap -0.5
+    assert step(track, 0.4, 1 - 1.5 * target_density) == pytest.approx(0.4 * math.exp(0.25))  # gap +0.5
+    assert step(track, 0.4, 0.82) == pytest.approx(0.4)
+    assert step(track, 0.4, 0.0) == pytest.approx(0.4 * math.exp(0.5))  # gap 4.6, clipped to 1
+    assert step(track, PENALTY_RANGE[1], 0.0) == PENALTY_RANGE[1]
     signed = dataclasses.replace(track, penalty_control="signed")
-    assert next_penalty(signed, 0.4, 1 - 0.5 * target_density) == pytest.approx(0.4 - 0.25)  # gap -0.5, on lambda
-    assert next_penalty(signed, 0.1, 1 - 0.5 * target_density) == pytest.approx(0.1 - 0.25)  # may go below 0
-    assert next_penalty(signed, -0.3, 0.0) == pytest.approx(-0.3 + 0.5)  # gap clipped to 1
-    assert next_penalty(signed, -PENALTY_RANGE[1], 0.99) == -PENALTY_RANGE[1]
+    assert step(signed, 0.4, 1 - 0.5 * target_density) == pytest.approx(0.4 - 0.25)  # gap -0.5, on lambda
+    assert step(signed, 0.1, 1 - 0.5 * target_density) == pytest.approx(0.1 - 0.25)  # may go below 0
+    assert step(signed, -0.3, 0.0) == pytest.approx(-0.3 + 0.5)  # gap clipped to 1
+    assert step(signed, -PENALTY_RANGE[1], 0.99) == -PENALTY_RANGE[1]
     assert dataclasses.replace(signed, size_penalty=0.0).size_penalty == 0.0  # may start from 0
     for bad, message in (({"penalty_rate": 0.0}, "penalty_rate must be > 0"),
                          ({"penalty_margin": 0.2}, "penalty_margin must lie in"),
+                         ({"penalty_gain": -1.0}, "penalty_gain must be >= 0"),
                          ({"penalty_control": "loosest", "size_penalty": 0.0}, "needs size_penalty > 0")):
         with pytest.raises(ValueError, match=message):
             dataclasses.replace(fixed, **bad)
 
 
-@pytest.mark.parametrize("control", ["loosest", "signed"])
-def test_a_tracking_search_records_and_resumes_its_lambda(tmp_path, control):
-    """Every step records the lambda it used, the next one follows next_penalty, and a resumed run continues
-    from the saved lambda to the uninterrupted result."""
-    changes = {"penalty_control": control, "penalty_rate": 1.0, "size_penalty": 0.1}
+def test_penalty_gain_adds_a_proportional_term_to_the_stepped_integral():
+    """With penalty_gain, the integral takes the dual-ascent step and lambda adds gain * gap to it (loosest: times
+    exp(gain * gap)), so lambda answers a gap at once and falls back as soon as the gap closes."""
+    import math
+
+    target_density = 1 - 0.82
+    signed = SearchConfig(budgets=(0.8, 0.9), size_penalty=0.4, penalty_control="signed", penalty_rate=0.5,
+                          penalty_gain=2.0)
+    integral, penalty = next_penalty(signed, 0.4, 1 - 1.5 * target_density)  # gap +0.5
+    assert (integral, penalty) == (pytest.approx(0.4 + 0.25), pytest.approx(0.4 + 0.25 + 1.0))
+    assert next_penalty(signed, integral, 0.82) == (pytest.approx(0.65), pytest.approx(0.65))  # on target: no P term
+    assert next_penalty(signed, 0.4, 0.0)[1] == pytest.approx(0.4 + 0.5 + 2.0)  # gap clipped to 1
+    assert next_penalty(signed, 999.8, 0.0) == (1000.0, 1000.0)  # both bounded
+    loosest = dataclasses.replace(signed, penalty_control="loosest")
+    integral, penalty = next_penalty(loosest, 0.4, 1 - 0.5 * target_density)  # gap -0.5
+    assert integral == pytest.approx(0.4 * math.exp(-0.25))
+    assert penalty == pytest.approx(0.4 * math.exp(-0.25) * math.exp(-1.0))
+    with pytest.raises(ValueError, match="penalty_gain needs an adapted penalty_control"):
+        dataclasses.replace(signed, penalty_control="fixed")  # it would have no effect
+
+
+@pytest.mark.parametrize("control,gain", [("loosest", 0.0), ("signed", 0.0), ("signed", 2.0)])
+def test_a_tracking_search_records_and_resumes_its_lambda(tmp_path, control, gain):
+    """Every step records the lambda it used, the next one follows next_penalty from the running integral, and a
+    resumed run continues from the saved lambda and integral to the uninterrupted result."""
+    changes = {"penalty_control": control, "penalty_rate": 1.0, "size_penalty": 0.1, "penalty_gain": gain}
     whole = _tiny(tmp_path, "track", **changes)
     run_search(whole, stop_after_steps=5)
     history = torch.load(Path(whole.output_dir) / STATE_FILE, weights_only=True)["history"]
     assert history[0]["size_penalty"] == 0.1
+    integral = 0.1
     for before, after in zip(history, history[1:], strict=False):
-        assert after["size_penalty"] == pytest.approx(next_penalty(whole.search, before["size_penalty"],
-                                                                   before["sparsity"]))
+        integral, penalty = next_penalty(whole.search, integral, before["sparsity"])
+        assert after["size_penalty"] == pytest.approx(penalty)
     assert len({e["size_penalty"] for e in history}) > 1
     split = _tiny(tmp_path, "track-split", **changes)
     run_search(split, stop_after_steps=2)

@@ -39,6 +39,10 @@ class SearchConfig:
     penalty_control: Literal["fixed", "loosest", "signed"] = "fixed"
     # change per step per unit of relative density gap (gap clipped to +-1): of log lambda (loosest), of lambda (signed)
     penalty_rate: float = 0.3
+    # proportional gain: lambda = the stepped (integral) value plus penalty_gain * gap (loosest: times
+    # exp(penalty_gain * gap)), a PI controller. It answers an overshoot at once instead of after the integral has
+    # wound back, which damps the cycle a pure integral drives through the actor's lag. 0: pure dual ascent [I]
+    penalty_gain: float = 0.0
     penalty_margin: float = 0.02  # the tracked sparsity is the loosest budget plus this, so visits meet it
     replay_bytes: int = 256 << 20  # replay buffer bound per agent (bytes)
     rows_per_step: int | None = None  # subsample this many rows per side into the buffer each step (large tables)
@@ -62,6 +66,10 @@ class SearchConfig:
             raise ValueError(f"probe_top must be 0 or >= top_l ({self.top_l}), got {self.probe_top}")
         if not self.penalty_rate > 0:
             raise ValueError(f"penalty_rate must be > 0, got {self.penalty_rate}")
+        if not self.penalty_gain >= 0:
+            raise ValueError(f"penalty_gain must be >= 0, got {self.penalty_gain}")
+        if self.penalty_gain and self.penalty_control == "fixed":
+            raise ValueError("penalty_gain needs an adapted penalty_control ('loosest' or 'signed'); 'fixed' has none")
         if not 0 <= self.penalty_margin < 1 - min(self.budgets):
             raise ValueError(f"penalty_margin must lie in [0, 1 - the loosest budget), got {self.penalty_margin}")
         if self.penalty_control == "loosest" and not self.size_penalty > 0:

@@ -75,21 +75,26 @@ def reward_terms(
 PENALTY_RANGE = (1e-3, 1e3)  # bounds on lambda under `loosest`; `signed` keeps |lambda| <= PENALTY_RANGE[1]
 
 
-def next_penalty(config: SearchConfig, penalty: float, sparsity: float) -> float:
-    """Lambda for the next step: one dual-ascent step towards the target sparsity (the loosest budget plus
-    ``penalty_margin``). A visited configuration denser than the target raises lambda and a sparser one lowers it, in
-    proportion to the gap relative to the target's density (clipped to +-1).
+def next_penalty(config: SearchConfig, integral: float, sparsity: float) -> tuple[float, float]:
+    """(integral, lambda) for the next step: one dual-ascent step of the integral towards the target sparsity (the
+    loosest budget plus ``penalty_margin``), and lambda = the integral plus ``penalty_gain`` times the same gap. A
+    visited configuration denser than the target raises both and a sparser one lowers them, in proportion to the gap
+    relative to the target's density (clipped to +-1). With ``penalty_gain`` 0 lambda is the integral.
 
     ``loosest`` steps log lambda, so lambda stays positive: once an actor is too sparse its one lever is lambda near
     0, where the gain hardly answers a row's own size and nothing pulls sizes back up. ``signed`` steps lambda itself
     (the target is an equality constraint, so its multiplier is signed): below 0 the reward pays for size."""
     if config.penalty_control == "fixed":
-        return penalty
+        return integral, integral
     target_density = 1 - (min(config.budgets) + config.penalty_margin)
     gap = min(max(((1 - sparsity) - target_density) / target_density, -1.0), 1.0)
     if config.penalty_control == "signed":
-        return min(max(penalty + config.penalty_rate * gap, -PENALTY_RANGE[1]), PENALTY_RANGE[1])
-    return min(max(penalty * math.exp(config.penalty_rate * gap), PENALTY_RANGE[0]), PENALTY_RANGE[1])
+        low, high = -PENALTY_RANGE[1], PENALTY_RANGE[1]
+        integral = min(max(integral + config.penalty_rate * gap, low), high)
+        return integral, min(max(integral + config.penalty_gain * gap, low), high)
+    low, high = PENALTY_RANGE
+    integral = min(max(integral * math.exp(config.penalty_rate * gap), low), high)
+    return integral, min(max(integral * math.exp(config.penalty_gain * gap), low), high)
 
 
 # ---- the search ----------------------------------------------------------------------------------------
@@ -106,6 +111,7 @@ class SearchState:
     buffers: dict[str, ReplayBuffer]
     record: ConfigurationRecord
     penalty: float  # lambda for the next step (size_penalty unless penalty_control adapts it)
+    penalty_integral: float  # the value next_penalty steps; lambda less its proportional term (next_penalty)
     seconds: float = 0.0  # wall time of the completed steps, summed over every run that resumed this search
 
     def state_dict(self) -> dict[str, Any]:
@@ -113,6 +119,7 @@ class SearchState:
             "step": self.step,
             "seconds": self.seconds,
             "penalty": self.penalty,
+            "penalty_integral": self.penalty_integral,
             "sizes": self.sizes,
             "quality": self.quality,
             "history": self.history,
@@ -136,6 +143,7 @@ class SearchState:
         self.record.load_state_dict(state["record"])
         self.seconds = float(state.get("seconds", float("nan")))  # NaN: saved before the steps were timed
         self.penalty = float(state.get("penalty", self.penalty))  # saved before lambda could change: the config's
+        self.penalty_integral = float(state.get("penalty_integral", self.penalty))  # saved before the gain: lambda
 
 
 def save_state(path: Path, state: SearchState) -> None:
@@ -217,6 +225,7 @@ def run_search(
         buffers={s: ReplayBuffer(search.replay_bytes, seed=search.seed + 10 * i + 2) for i, s in enumerate(SIDES)},
         record=ConfigurationRecord(tuple(search.budgets), search.recorded),
         penalty=search.size_penalty,
+        penalty_integral=search.size_penalty,
     )
     state_path = out / STATE_FILE
     if resume and state_path.is_file():
@@ -264,7 +273,7 @@ def run_search(
         entry["mean_reward"] = float(torch.cat(step_rewards).mean())
         entry["sparsity"] = sparsity([new_sizes[s] for s in SIDES], d_max)
         entry["size_penalty"] = state.penalty
-        state.penalty = next_penalty(search, state.penalty, entry["sparsity"])
+        state.penalty_integral, state.penalty = next_penalty(search, state.penalty_integral, entry["sparsity"])
         entry["mean_q"] = quality.mean_ratio
         state.record.add(
             Visited(state.step, entry["sparsity"], entry["mean_q"], {s: new_sizes[s].to(torch.int16) for s in SIDES})
