@@ -8,6 +8,7 @@ quality by its own size.
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import io
 import json
@@ -202,11 +203,15 @@ def update_docs(path: Path = ROOT / "docs" / "benchmarks.md") -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    which = (argv if argv is not None else sys.argv[1:]) or ["ml1m"]
-    if which[0] == "--update-docs":
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("table", nargs="?", default="ml1m", choices=sorted(TABLES), help="the table to print")
+    parser.add_argument("--update-docs", action="store_true",
+                        help="rewrite every table block of docs/benchmarks.md instead of printing one")
+    args = parser.parse_args(argv)
+    if args.update_docs:
         update_docs()
     else:
-        TABLES[which[0]]()
+        TABLES[args.table]()
     return 0
 
 

@@ -373,3 +373,10 @@ def test_sparse_product_bench_times_both_products_at_both_thread_counts(tmp_path
     assert all(r["ms_per_product"] > 0 and r["d"] == TINY.model.d_max for r in rows)
     assert torch.get_num_threads() == threads  # the caller's thread count is restored
     assert capsys.readouterr().out.count("| torch_csr |") == 2
+
+
+def test_summarize_names_an_unknown_table(capsys):
+    with pytest.raises(SystemExit) as stop:
+        summarize.main(["ml1m-compre"])
+    assert stop.value.code == 2
+    assert "invalid choice: 'ml1m-compre'" in capsys.readouterr().err
