@@ -114,6 +114,27 @@ def to_dict(config: Any) -> dict[str, Any]:
     return plain(config)
 
 
+def _differing(saved: Any, current: Any, where: str = "") -> list[str]:
+    """Every key path at which two plain (``to_dict``) mappings differ, with both values."""
+    if isinstance(saved, dict) and isinstance(current, dict):
+        return [
+            line
+            for key in sorted(set(saved) | set(current), key=str)
+            for line in _differing(saved.get(key), current.get(key), f"{where}.{key}" if where else str(key))
+        ]
+    return [] if saved == current else [f"{where or 'value'}: saved {saved!r}, now {current!r}"]
+
+
+def require_same_settings(saved: dict[str, Any] | None, current: dict[str, Any], what: str) -> None:
+    """Refuses to continue work saved under other settings, naming every key that differs. ``saved`` None: the work
+    was saved before its settings were kept, and is continued as before."""
+    if saved is None:
+        return
+    if differing := _differing(saved, current):
+        raise ConfigError(f"{what} was saved with other settings ({'; '.join(differing)}): resume with the config it "
+                          "was started with, or start afresh (without --resume, or in another output_dir)")
+
+
 def read_yaml_mapping(path: str | Path) -> dict[str, Any]:
     """The top-level mapping of a YAML config file (empty for an empty file)."""
     path = Path(path)

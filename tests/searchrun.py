@@ -28,6 +28,15 @@ def run_search(
 ) -> Path:
     """Writes ``base`` with top-level sections updated by ``changes`` and runs it under torchrun (``extra_args``)
     with ``script_args`` for training/search.py; returns the output dir."""
+    done, out = launch(base, tmp_path, name, nproc, extra_args, env_extra, script_args, **changes)
+    assert done.returncode == 0, done.stderr[-6000:]
+    return out
+
+
+def launch(
+    base: dict, tmp_path: Path, name: str, nproc: int, extra_args=(), env_extra=None, script_args=(), **changes
+) -> tuple[subprocess.CompletedProcess, Path]:
+    """``run_search`` that may fail: the finished process (stderr without torch's warnings) and the output dir."""
     config = json.loads(json.dumps(base))
     for key, value in changes.items():
         config[key] = {**config[key], **value} if isinstance(value, dict) else value
@@ -40,9 +49,8 @@ def run_search(
                *extra_args, str(ROOT / "training" / "search.py"), "--config", str(path), *script_args]
     done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=900, cwd=ROOT)
     noise = ("is_fx_tracing", "warnings.warn")
-    stderr = "\n".join(line for line in done.stderr.splitlines() if not any(n in line for n in noise))
-    assert done.returncode == 0, stderr[-6000:]
-    return out
+    done.stderr = "\n".join(line for line in done.stderr.splitlines() if not any(n in line for n in noise))
+    return done, out
 
 
 def assert_same_search(out: Path, reference: Path, budgets: list[float]) -> None:

@@ -1,12 +1,14 @@
 """The sharded CTR search under torchrun: 1 vs 2 processes, every sharding type, kill-and-resume, checkpoints."""
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
 import torch
-from searchrun import ROOT, TINY_SEARCH, assert_same_search, run_search
+from searchrun import ROOT, TINY_SEARCH, assert_same_search, launch, run_search
 
+from ciess_prod.distributed.checkpoint import latest_step
 from ciess_prod.search import DimensionPlan
 
 TINY = {
@@ -76,6 +78,28 @@ def test_killed_rank_resumes_to_the_uninterrupted_plan(tmp_path, one_and_two):
     _, two = one_and_two
     out = run(tmp_path, "killed", 2, extra_args=["--max-restarts=1"], env_extra={"CIESS_FAIL_AT_STEP": "2"})
     assert_same_search(out, two, TINY["search"]["budgets"])
+
+
+@pytest.mark.distributed
+def test_resume_refuses_checkpoints_saved_with_other_settings(tmp_path, one_and_two):
+    """--resume keeps what decided the saved steps, the number of ranks included; a fresh start in the same
+    directory retrains a reference of another recipe and leaves no later step of the old run to resume."""
+    one, _ = one_and_two
+    shutil.copytree(one, tmp_path / "copy")
+    saved = (tmp_path / "copy" / "settings.json").read_text()
+    done, _ = launch(TINY, tmp_path, "copy", 1, script_args=["--resume"], search={"seed": 5})
+    assert done.returncode != 0 and "exitcode  : 2" in done.stderr, done.stderr[-3000:]  # torchrun's own code: 1
+    assert f"the checkpoints in {tmp_path / 'copy'} was saved with other settings" in done.stderr
+    assert "search.seed: saved 0, now 5" in done.stderr and "world_size" not in done.stderr
+    done, _ = launch(TINY, tmp_path, "copy", 2, script_args=["--resume"])
+    assert done.returncode != 0 and "world_size: saved 1, now 2" in done.stderr, done.stderr[-3000:]
+    assert (tmp_path / "copy" / "settings.json").read_text() == saved
+
+    out = run(tmp_path, "copy", 1, train={"reference_batches": 20}, search={"episodes": 1})
+    fresh, old = (json.loads((o / "search.json").read_text()) for o in (out, one))
+    assert fresh["reference_val_logloss"] != old["reference_val_logloss"]  # retrained with 20 batches, not reused
+    assert latest_step(out / "checkpoints") == 3  # the old run's step 6 is gone with it
+    assert json.loads((out / "settings.json").read_text())["train"]["reference_batches"] == 20
 
 
 @pytest.mark.distributed

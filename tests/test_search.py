@@ -118,6 +118,41 @@ def test_resume_gives_the_uninterrupted_result(tmp_path, finished_search):
     assert history(config) == history(reference_config)
 
 
+def test_resume_refuses_a_state_saved_with_other_settings(tmp_path, capsys):
+    """A resumed search keeps the settings that decide its steps: a state saved with others is refused, naming every
+    key that differs, and is left as it was. The final selection's settings may change, and a state saved before
+    settings were kept resumes as before."""
+    from ciess_prod.cli import main
+    from ciess_prod.config import ConfigError
+
+    config = _tiny(tmp_path, "run")
+    run_search(config, stop_after_steps=2)
+    state_path = Path(config.output_dir) / STATE_FILE
+    saved = state_path.read_bytes()
+    other = dataclasses.replace(config, search=dataclasses.replace(config.search, penalty_control="signed", seed=3))
+    with pytest.raises(ConfigError) as refused:
+        run_search(other, resume=True)
+    assert str(state_path) in str(refused.value)
+    assert "search.penalty_control: saved 'fixed', now 'signed'" in str(refused.value)
+    assert "search.seed: saved 0, now 3" in str(refused.value)
+    assert "search.size_penalty" not in str(refused.value)  # only what differs
+    assert state_path.read_bytes() == saved
+
+    path = tmp_path / "other.yaml"
+    no_l2 = dataclasses.replace(config, train=dataclasses.replace(config.train, l2=0.0))
+    path.write_text(yaml.safe_dump(to_dict(no_l2)))
+    assert main(["search", "--config", str(path), "--resume"]) == 2
+    assert "train.l2: saved 0.0001, now 0.0" in capsys.readouterr().err
+    assert state_path.read_bytes() == saved
+
+    selection_only = dataclasses.replace(config, search=dataclasses.replace(config.search, fill_budget=True, top_l=2))
+    assert run_search(selection_only, resume=True, stop_after_steps=1)["completed_steps"] == 3
+    state = torch.load(state_path, weights_only=True)
+    del state["settings"]  # saved before settings were kept: nothing to compare with
+    torch.save(state, state_path)
+    assert run_search(other, resume=True, stop_after_steps=1)["completed_steps"] == 4
+
+
 def test_resume_after_the_search_reuses_chosen_plans(tmp_path, finished_search, monkeypatch):
     """An interrupted retraining phase keeps the budgets it finished; a plan of another search is not reused."""
     import shutil

@@ -31,7 +31,7 @@ from ciess_prod.distributed.environment import process_device  # noqa: E402
 from ciess_prod.distributed.process import exit_skipping_finalisation  # noqa: E402
 from ciess_prod.distributed.recommender import RecEnvironment, ShardedSearchExperimentConfig  # noqa: E402
 from ciess_prod.distributed.search import run_sharded_search  # noqa: E402
-from ciess_prod.search.config import SearchExperimentConfig  # noqa: E402
+from ciess_prod.search.config import SearchExperimentConfig, resumable_settings  # noqa: E402
 from ciess_prod.search.search import run_search  # noqa: E402
 
 
@@ -93,6 +93,7 @@ def main(argv: list[str] | None = None) -> int:
                 config.search,
                 config.model.d_max,
                 config.output_dir,
+                settings=resumable_settings(config),
                 resume=args.resume or restarted,
                 fail_at_step=int(fail_at) if fail_at and not restarted and dist.get_rank() == 1 else None,
             )

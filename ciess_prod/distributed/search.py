@@ -29,9 +29,11 @@ formats as the single-process search.
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import os
 import resource
+import shutil
 import signal
 import time
 from dataclasses import dataclass
@@ -42,6 +44,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from ciess_prod.config import require_same_settings
 from ciess_prod.distributed.checkpoint import latest_step, load_state, save_state
 from ciess_prod.distributed.environment import KeptRows, all_reduce, full_sizes, kept_rows
 from ciess_prod.distributed.layout import TableLayout
@@ -56,6 +59,7 @@ from ciess_prod.search.selection import budget_dirs, known_mean_q
 from ciess_prod.train.checkpoint import save_checkpoint
 
 log = logging.getLogger(__name__)
+SETTINGS_FILE = "settings.json"  # what decided the checkpoints' steps (resumable_settings), beside them
 
 
 class SearchTask(Protocol):
@@ -149,11 +153,14 @@ def run_sharded_search(
     search: SearchConfig,
     d_max: int,
     output_dir: str | Path,
+    settings: dict[str, Any],
     resume: bool = False,
     fail_at_step: int | None = None,
 ) -> dict[str, Any]:
     """Runs (or resumes from the last complete checkpoint) the sharded search; rank 0 writes the plans.
 
+    ``settings``: what decides the steps (``resumable_settings`` of the experiment config); a resume refuses
+    checkpoints saved with other settings, or on another number of ranks.
     ``fail_at_step``: SIGKILL this process once that many steps are checkpointed (fault-tolerance tests).
     """
     out = Path(output_dir)
@@ -162,11 +169,26 @@ def run_sharded_search(
     total_rows = sum(layout.rows for layout in env.layouts.values())
     kept = kept_rows(env.layouts, env.row_counts(), env.popularity_log_scale)
 
-    # the full-size reference: trained once, saved with torch.distributed.checkpoint, reloaded on resume
+    # the settings the checkpoints were saved with (none: saved before they were kept, reused as before)
+    settings, settings_path = {**settings, "world_size": world}, out / SETTINGS_FILE
+    saved = json.loads(settings_path.read_text()) if settings_path.is_file() else None
+    if resume:
+        require_same_settings(saved, settings, f"the checkpoints in {out}")
+    recipe = {key: value for key, value in settings.items() if key != "search"}  # what the reference depends on
+    stale_reference = saved is not None and {k: v for k, v in saved.items() if k != "search"} != recipe
+    dist.barrier()  # every rank has read the saved settings before rank 0 replaces them
+    checkpoints = out / "checkpoints"
+    if rank == 0:
+        if not resume:  # a fresh start: a previous run's later steps must not be resumed after this run's
+            shutil.rmtree(checkpoints, ignore_errors=True)
+        out.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(settings_path, settings)
+
+    # the full-size reference: trained once, saved with torch.distributed.checkpoint, reloaded while its recipe holds
     reference_dir = out / "reference"
     env.reset_fresh()
     full = env.apply_sizes(kept, full_sizes(kept, d_max))
-    if latest_step(reference_dir) is None:
+    if stale_reference or latest_step(reference_dir) is None:
         env.train_reference(full)
         save_state(reference_dir, 0, env.checkpoint_state())
     else:
@@ -180,7 +202,6 @@ def run_sharded_search(
     per_rank_batch = max(1, search.td3.batch_size // world)
     ones = {t: torch.ones(kept.count(t)) for t in env.tables}
     state = RankState(0, full_sizes(kept, d_max), ones, [], {c: [] for c in search.budgets}, None)
-    checkpoints = out / "checkpoints"
     if resume and (last := latest_step(checkpoints)) is not None:
         blob = {"rank": _state_blob(state, agent, explorer, buffer)}
         load_state(checkpoints, last, blob, per_rank=True)

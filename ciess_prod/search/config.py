@@ -4,8 +4,9 @@ recipe, search, test protocol, output) are, checked where they are built."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
+from ciess_prod.config import to_dict
 from ciess_prod.experiment import DataConfig
 from ciess_prod.models import ModelConfig
 from ciess_prod.models.basis import ROTATABLE_KINDS
@@ -14,6 +15,10 @@ from ciess_prod.search.environment import EnvironmentConfig
 from ciess_prod.search.exploration import ExplorationConfig
 from ciess_prod.train.protocol import Protocol
 from ciess_prod.train.trainer import TrainConfig
+
+# only choose and retrain plans once the steps are done, so a resumed search may change them (bench/ml1m_search.py's
+# ciess_fill and ciess_scaled retrain a finished search's steps with other ones)
+SELECTION_SETTINGS = ("top_l", "fill_budget", "candidates_from", "probe_top", "probe_batches")
 
 
 @dataclass(frozen=True)
@@ -56,6 +61,14 @@ class SearchConfig:
         """How many visited configurations per budget the record keeps: the probe's pool or the top-l."""
         return max(self.top_l, self.probe_top)
 
+    def steps_settings(self) -> dict[str, Any]:
+        """The settings that decide the steps (all but the final selection's): a resumed search must keep them, or
+        its steps would mix two searches."""
+        settings = to_dict(self)
+        for name in SELECTION_SETTINGS:
+            del settings[name]
+        return settings
+
     def __post_init__(self) -> None:
         if not self.budgets or any(not 0.0 <= c < 1.0 for c in self.budgets):
             raise ValueError(f"budgets must be sparsities in [0, 1), got {self.budgets}")
@@ -79,6 +92,18 @@ class SearchConfig:
         if self.rows_per_step is not None and self.rows_per_step < 1:
             raise ValueError(f"rows_per_step must be >= 1 or null, got {self.rows_per_step}")
 
+
+
+def resumable_settings(config: Any) -> dict[str, Any]:
+    """The settings of a search experiment config (any with ``search``, ``train`` and ``output_dir``) that decide its
+    steps: all but where it writes, its test protocol, the final selection's and the progress bar, which a resumed
+    search may change."""
+    settings = to_dict(config)
+    for name in ("output_dir", "reference_dir", "protocol"):
+        settings.pop(name, None)
+    settings["train"].pop("progress", None)
+    settings["search"] = config.search.steps_settings()
+    return settings
 
 @dataclass(frozen=True)
 class SearchExperimentConfig:

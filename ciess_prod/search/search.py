@@ -25,14 +25,14 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from ciess_prod.config import to_dict
+from ciess_prod.config import require_same_settings, to_dict
 from ciess_prod.data import RecDataset
 from ciess_prod.experiment import load_dataset
 from ciess_prod.io import write_json_atomic
 from ciess_prod.models import SIDES, Recommender, build_model, sparsity
 from ciess_prod.search.agent import TD3Agent
 from ciess_prod.search.buffer import ReplayBuffer
-from ciess_prod.search.config import SearchConfig, SearchExperimentConfig
+from ciess_prod.search.config import SearchConfig, SearchExperimentConfig, resumable_settings
 from ciess_prod.search.environment import Quality, SizeEnvironment
 from ciess_prod.search.exploration import Explorer
 from ciess_prod.search.record import ConfigurationRecord, Visited
@@ -110,6 +110,7 @@ class SearchState:
     explorers: dict[str, Explorer]
     buffers: dict[str, ReplayBuffer]
     record: ConfigurationRecord
+    settings: dict[str, Any]  # what decides the steps (resumable_settings); resume refuses a state saved with others
     penalty: float  # lambda for the next step (size_penalty unless penalty_control adapts it)
     penalty_integral: float  # the value next_penalty steps; lambda less its proportional term (next_penalty)
     seconds: float = 0.0  # wall time of the completed steps, summed over every run that resumed this search
@@ -117,6 +118,7 @@ class SearchState:
     def state_dict(self) -> dict[str, Any]:
         return {
             "step": self.step,
+            "settings": self.settings,
             "seconds": self.seconds,
             "penalty": self.penalty,
             "penalty_integral": self.penalty_integral,
@@ -224,12 +226,15 @@ def run_search(
         },
         buffers={s: ReplayBuffer(search.replay_bytes, seed=search.seed + 10 * i + 2) for i, s in enumerate(SIDES)},
         record=ConfigurationRecord(tuple(search.budgets), search.recorded),
+        settings={**resumable_settings(config), "data_fingerprint": dataset.fingerprint},
         penalty=search.size_penalty,
         penalty_integral=search.size_penalty,
     )
     state_path = out / STATE_FILE
     if resume and state_path.is_file():
-        state.load_state_dict(torch.load(state_path, weights_only=True))
+        saved = torch.load(state_path, weights_only=True)
+        require_same_settings(saved.get("settings"), state.settings, f"the search state {state_path}")
+        state.load_state_dict(saved)
         log.info("resumed from step %d", state.step)
 
     total = search.episodes * search.steps_per_episode
