@@ -53,21 +53,27 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sparsities", nargs="+", type=float, default=[0.8, 0.9, 0.95])
     parser.add_argument("--results", type=Path, default=RESULTS)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--l2", type=float, metavar="W",
+                        help="this L2 weight instead of each config's train.l2 (the rows record it as l2)")
     args = parser.parse_args(argv)
+    if args.l2 is not None and not args.l2 >= 0:
+        parser.error(f"--l2 must be a number >= 0, got {args.l2}")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", force=True)
 
     sha = git_sha()  # now, not after hours of training while the tree moves on
     rows = []
     for model in args.models:
         base = load_yaml(ExperimentConfig, ROOT / "configs" / f"ml1m-{model}.yaml")
+        l2 = base.train.l2 if args.l2 is None else args.l2
+        suffix = "" if l2 == base.train.l2 else f"-l2{l2:g}"
         runs = [SizeConfig("full", 0.0)] if "full" in args.methods else []
         runs += [SizeConfig("es", c) for c in args.sparsities] if "es" in args.methods else []
         for sizes in runs:
             config = dataclasses.replace(
                 base,
                 sizes=sizes,
-                train=dataclasses.replace(base.train, seed=args.seed, progress=False),
-                output_dir=str(ROOT / "runs" / "bench" / f"ml1m-{model}-{sizes.method}-{sizes.sparsity}"),
+                train=dataclasses.replace(base.train, seed=args.seed, progress=False, l2=l2),
+                output_dir=str(ROOT / "runs" / "bench" / f"ml1m-{model}-{sizes.method}-{sizes.sparsity}{suffix}"),
             )
             metrics = run_experiment(config, base_dir=ROOT)
             test = metrics["test"]
@@ -89,6 +95,7 @@ def main(argv: list[str] | None = None) -> int:
                 "best_batches": metrics["best_batches"],
                 "final_length": metrics["final_length"],
                 "retrain_batches": metrics["retrain_batches"],
+                "l2": l2,
                 "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
             }
             append_jsonl(args.results, row)

@@ -80,6 +80,7 @@ def row(config: SearchExperimentConfig, method: str, c: float, sizes: dict, test
         "git_sha": GIT_SHA,
         "protocol": config.protocol,
         "final_length": config.train.final_length,
+        "l2": config.train.l2,
         "peak_rss_mb": peak_rss_mb(),
         **extra,
     }
@@ -92,6 +93,15 @@ RETRAINED = ("ciess_fill", "ciess_scaled")  # only the final retraining differs:
 def shared_reference(base: SearchExperimentConfig) -> str:
     """The reference model a derived search shares with ``base`` (same data, model and recipe)."""
     return base.reference_dir or str(ROOT / base.output_dir / "reference")
+
+
+def with_l2(base: SearchExperimentConfig, l2: float | None) -> SearchExperimentConfig:
+    """The config at another L2 weight, in ``<output_dir>-l2<L2>`` with a reference of its own: the L2 weight is part
+    of the training recipe, so the reference model, the warm steps and every retraining change with it."""
+    if l2 is None or l2 == base.train.l2:
+        return base
+    return dataclasses.replace(base, train=dataclasses.replace(base.train, l2=l2),
+                               output_dir=f"{base.output_dir}-l2{l2:g}", reference_dir=None)
 
 
 def with_search_settings(base: SearchExperimentConfig, size_penalty: float | None = None, gamma: float | None = None,
@@ -206,6 +216,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="searches: lambda's proportional gain under an adapted --penalty-control (a PI "
                              "controller; 0: pure dual ascent), in <output_dir>-gain<KP> (rows record it as "
                              "penalty_gain)")
+    parser.add_argument("--l2", type=float, metavar="W",
+                        help="every method: this L2 weight instead of the config's train.l2; searches run in "
+                             "<output_dir>-l2<W> with their own reference (the rows record it as l2)")
     parser.add_argument("--seed", type=int, metavar="N",
                         help="searches: this search seed (agents, exploration, step training) instead of the "
                              "config's, in <output_dir>-seed<N>; the data split and reference stay (rows record it "
@@ -213,6 +226,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", force=True)
     base = load_yaml(SearchExperimentConfig, args.config)
+    if args.l2 is not None and not args.l2 >= 0:
+        parser.error(f"--l2 must be a number >= 0, got {args.l2}")
+    base = with_l2(base, args.l2)
     if args.size_penalty is not None and not args.size_penalty >= 0:
         parser.error(f"--size-penalty must be a number >= 0, got {args.size_penalty}")
     if args.gamma is not None and not 0 <= args.gamma <= 1:

@@ -22,10 +22,12 @@ sys.path.insert(0, str(ROOT))
 
 from bench.ml1m_baselines import PAPER_ES  # noqa: E402
 from ciess_prod.search.config import SearchConfig  # noqa: E402
+from ciess_prod.train.trainer import TrainConfig  # noqa: E402
 
 DEFAULT_SIZE_PENALTY = SearchConfig().size_penalty
 DEFAULT_GAMMA = SearchConfig().td3.gamma
 DEFAULT_ITEM_QUALITY = SearchConfig().environment.item_quality
+DEFAULT_L2 = TrainConfig().l2
 
 # Paper, MovieLens-1M, CIESS rows (Recall@20, NDCG@20).
 PAPER_CIESS = {
@@ -68,9 +70,9 @@ SIZE_METHODS = ("es", "mr", "freq", "ciess", "ciess_no_walk", "ciess_fill", "cie
 
 def method_label(r: dict) -> str:
     """The method, with its lambda, TD3 discount, item quality signal, random warm-up, reference basis, probe ranking,
-    lambda control, its proportional gain and seed where a run used other than the defaults (``--size-penalty``,
-    ``--gamma``, ``--item-quality``, ``--random-steps``, ``--reference-basis``, ``--probe-top``,
-    ``--penalty-control``, ``--penalty-gain``, ``--seed``, or a config setting them)."""
+    lambda control, its proportional gain, L2 weight and seed where a run used other than the defaults
+    (``--size-penalty``, ``--gamma``, ``--item-quality``, ``--random-steps``, ``--reference-basis``, ``--probe-top``,
+    ``--penalty-control``, ``--penalty-gain``, ``--l2``, ``--seed``, or a config setting them)."""
     label = r["method"]
     if r.get("size_penalty") not in (None, DEFAULT_SIZE_PENALTY):
         label += f" λ={r['size_penalty']:g}"
@@ -88,6 +90,8 @@ def method_label(r: dict) -> str:
         label += f" λ:{r['penalty_control']}"
     if r.get("penalty_gain"):
         label += f" Kp={r['penalty_gain']:g}"
+    if r.get("l2") not in (None, DEFAULT_L2):  # another training recipe: its rows compare only with each other
+        label += f" L2={r['l2']:g}"
     if r.get("seed"):  # another training (es) or search (ciess) seed: a measure of seed-to-seed spread
         label += f" seed={r['seed']}"
     return label

@@ -10,7 +10,7 @@ import torch
 import yaml
 
 from bench import summarize
-from bench.ml1m_search import STATE_FILE, reuse_search_state, variant, with_search_settings
+from bench.ml1m_search import STATE_FILE, reuse_search_state, variant, with_l2, with_search_settings
 from ciess_prod.config import to_dict
 from ciess_prod.experiment import load_dataset
 from ciess_prod.search import DimensionPlan
@@ -74,6 +74,17 @@ def test_another_lambda_or_gamma_searches_in_its_own_directory_with_the_shared_r
     damped = with_search_settings(base, penalty_control="signed", seed=2, penalty_gain=1.5)
     assert damped.output_dir == "/data/run-signed-gain1.5-seed2" and damped.search.penalty_gain == 1.5
     assert with_search_settings(base, penalty_gain=0.0) is base
+
+
+def test_another_l2_trains_its_own_reference_in_its_own_directory():
+    base = dataclasses.replace(TINY, output_dir="/data/run", reference_dir="/data/shared/reference")
+    assert with_l2(base, None) is base and with_l2(base, base.train.l2) is base
+    other = with_l2(base, 1e-3)
+    assert other.train == dataclasses.replace(base.train, l2=1e-3) and other.search == base.search
+    assert other.output_dir == "/data/run-l20.001" and other.reference_dir is None  # a reference of its recipe
+    signed = with_search_settings(other, penalty_control="signed")
+    assert signed.output_dir == "/data/run-l20.001-signed" and signed.reference_dir == "/data/run-l20.001/reference"
+    assert variant(signed, "ciess_no_walk").reference_dir == "/data/run-l20.001/reference"
 
 
 def test_reuse_refuses_a_search_whose_steps_are_unfinished(tmp_path):
@@ -156,6 +167,8 @@ def test_compare_table_takes_the_latest_epoch_row_per_method_and_budget(monkeypa
     damped = {**row("ciess", 0.8, 0.2, 0.8), "penalty_control": "signed", "penalty_gain": 1.5, "seed": 2}
     assert summarize.method_label(damped) == "ciess λ:signed Kp=1.5 seed=2"
     assert summarize.method_label({**damped, "penalty_gain": 0.0}) == "ciess λ:signed seed=2"
+    assert summarize.method_label({**damped, "l2": 1e-3}) == "ciess λ:signed Kp=1.5 L2=0.001 seed=2"
+    assert summarize.method_label({**damped, "l2": summarize.DEFAULT_L2}) == summarize.method_label(damped)
 
 
 def test_search_diagnosis_reads_a_finished_search(tmp_path, one_torch_thread):
