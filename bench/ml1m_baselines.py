@@ -21,6 +21,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from ciess_prod.cli import non_negative_float  # noqa: E402
 from ciess_prod.config import load_yaml  # noqa: E402
 from ciess_prod.experiment import ExperimentConfig, SizeConfig, run_experiment  # noqa: E402
 from ciess_prod.io import append_jsonl  # noqa: E402
@@ -46,6 +47,11 @@ def git_sha() -> str:
     return sha + ("-dirty" if changed.strip() else "")
 
 
+def l2_suffix(l2: float, default: float) -> str:
+    """The output directory suffix of a run at another L2 weight than its config's (the searches use it too)."""
+    return "" if l2 == default else f"-l2{l2:g}"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", nargs="+", default=["lightgcn", "ngcf", "neumf"])
@@ -53,11 +59,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sparsities", nargs="+", type=float, default=[0.8, 0.9, 0.95])
     parser.add_argument("--results", type=Path, default=RESULTS)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--l2", type=float, metavar="W",
+    parser.add_argument("--l2", type=non_negative_float, metavar="W",
                         help="this L2 weight instead of each config's train.l2 (the rows record it as l2)")
     args = parser.parse_args(argv)
-    if args.l2 is not None and not args.l2 >= 0:
-        parser.error(f"--l2 must be a number >= 0, got {args.l2}")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", force=True)
 
     sha = git_sha()  # now, not after hours of training while the tree moves on
@@ -65,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
     for model in args.models:
         base = load_yaml(ExperimentConfig, ROOT / "configs" / f"ml1m-{model}.yaml")
         l2 = base.train.l2 if args.l2 is None else args.l2
-        suffix = "" if l2 == base.train.l2 else f"-l2{l2:g}"
+        suffix = l2_suffix(l2, base.train.l2)
         runs = [SizeConfig("full", 0.0)] if "full" in args.methods else []
         runs += [SizeConfig("es", c) for c in args.sparsities] if "es" in args.methods else []
         for sizes in runs:

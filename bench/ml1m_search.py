@@ -34,8 +34,8 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.ml1m_baselines import git_sha, print_row  # noqa: E402
-from ciess_prod.cli import positive_int  # noqa: E402
+from bench.ml1m_baselines import git_sha, l2_suffix, print_row  # noqa: E402
+from ciess_prod.cli import non_negative_float, positive_int  # noqa: E402
 from ciess_prod.config import load_yaml  # noqa: E402
 from ciess_prod.data import load_dataset  # noqa: E402
 from ciess_prod.io import append_jsonl  # noqa: E402
@@ -101,7 +101,7 @@ def with_l2(base: SearchExperimentConfig, l2: float | None) -> SearchExperimentC
     if l2 is None or l2 == base.train.l2:
         return base
     return dataclasses.replace(base, train=dataclasses.replace(base.train, l2=l2),
-                               output_dir=f"{base.output_dir}-l2{l2:g}", reference_dir=None)
+                               output_dir=base.output_dir + l2_suffix(l2, base.train.l2), reference_dir=None)
 
 
 def with_search_settings(base: SearchExperimentConfig, size_penalty: float | None = None, gamma: float | None = None,
@@ -216,7 +216,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="searches: lambda's proportional gain under an adapted --penalty-control (a PI "
                              "controller; 0: pure dual ascent), in <output_dir>-gain<KP> (rows record it as "
                              "penalty_gain)")
-    parser.add_argument("--l2", type=float, metavar="W",
+    parser.add_argument("--l2", type=non_negative_float, metavar="W",
                         help="every method: this L2 weight instead of the config's train.l2; searches run in "
                              "<output_dir>-l2<W> with their own reference (the rows record it as l2)")
     parser.add_argument("--seed", type=int, metavar="N",
@@ -226,8 +226,6 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", force=True)
     base = load_yaml(SearchExperimentConfig, args.config)
-    if args.l2 is not None and not args.l2 >= 0:
-        parser.error(f"--l2 must be a number >= 0, got {args.l2}")
     base = with_l2(base, args.l2)
     if args.size_penalty is not None and not args.size_penalty >= 0:
         parser.error(f"--size-penalty must be a number >= 0, got {args.size_penalty}")

@@ -9,7 +9,7 @@ import pytest
 import torch
 import yaml
 
-from bench import summarize
+from bench import ml1m_baselines, ml1m_search, summarize
 from bench.ml1m_search import STATE_FILE, reuse_search_state, variant, with_l2, with_search_settings
 from ciess_prod.config import to_dict
 from ciess_prod.experiment import load_dataset
@@ -85,6 +85,14 @@ def test_another_l2_trains_its_own_reference_in_its_own_directory():
     signed = with_search_settings(other, penalty_control="signed")
     assert signed.output_dir == "/data/run-l20.001-signed" and signed.reference_dir == "/data/run-l20.001/reference"
     assert variant(signed, "ciess_no_walk").reference_dir == "/data/run-l20.001/reference"
+
+
+@pytest.mark.parametrize("text", ["-0.5", "nan", "inf", "lots"])
+def test_l2_flags_refuse_what_is_not_a_finite_weight(text, capsys):
+    for script in (ml1m_baselines, ml1m_search):
+        with pytest.raises(SystemExit) as exit_info:
+            script.main(["--l2", text])
+        assert exit_info.value.code == 2 and f"expected a number >= 0, got '{text}'" in capsys.readouterr().err
 
 
 def test_reuse_refuses_a_search_whose_steps_are_unfinished(tmp_path):
