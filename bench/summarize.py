@@ -1,8 +1,9 @@
 """Prints the results files as markdown tables (for docs/benchmarks.md): ML-1M quality with ratios to the paper,
-the RL step timings, the compressed tables' memory and lookup speed, the sharded search's scaling, and a row's
-quality by its own size.
+the RL step timings, the compressed tables' memory and lookup speed, the sharded search's scaling, a row's
+quality by its own size, and hand-made size plans (bench/plan_families.py).
 
-    python bench/summarize.py ml1m | ml1m-compare | rl | memory | lookup | scaling | own-size
+    python bench/summarize.py ml1m | ml1m-compare | rl | memory | lookup | scaling | own-size | plan-families
+        | plan-curves
     python bench/summarize.py --update-docs
 """
 
@@ -180,6 +181,66 @@ def own_size_table() -> None:
               + f" | {popular} | {r['git_sha'][:7]} |")
 
 
+def plan_family_rows() -> list[dict]:
+    """bench/plan_families.py's rows, the prototype's (``params``, ``hist``; H200, 2026-12-04) in the script's form."""
+    rows = []
+    for r in read("plan_families_prototype.jsonl"):
+        params = r.get("params", {})
+        rows.append({"max_batches": 4000, "fit_only": False, **r, "share": params.get("share"),
+                     "alpha": params.get("alpha", 0.0), "history": r["hist"], "git": "prototype",
+                     "device": "NVIDIA H200"})
+    return rows + read("plan_families.jsonl")
+
+
+def plan_label(r: dict) -> str:
+    if r["plan"] in ("es", "full"):
+        return r["plan"]
+    share = "" if r["share"] is None or abs(r["share"] - 6040 / 9746) < 1e-3 else f" users {r['share']:g}"
+    return (f"pop α={r['alpha']:g}" if r["plan"] == "pop" else "split") + share
+
+
+def plan_families_table() -> None:
+    """Final-protocol rows by budget and L2 weight, with the paper's CIESS row and uniform sizes at the same weight."""
+    rows = sorted((r for r in plan_family_rows() if r.get("test")),
+                  key=lambda r: (r["c"], r["l2"], r["plan"] != "es", plan_label(r), r["seed"], r["max_batches"]))
+    es = {(r["c"], r["l2"], r["max_batches"]): r["test"]["recall@20"] for r in rows if r["plan"] == "es"}
+    print("| c | L2 | plan | users / items (mean) | achieved | cap | best batches | val R@20 | test R@20 / N@20 | "
+          "vs paper CIESS | vs es (same L2, cap) | seed | device | git |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        test = r["test"]
+        paper = PAPER_CIESS["lightgcn"].get(r["c"])
+        vs_paper = f"{test['recall@20'] / paper[0]:.1%} / {test['ndcg@20'] / paper[1]:.1%}" if paper else "-"
+        uniform = es.get((r["c"], r["l2"], r["max_batches"]))
+        vs_es = f"{test['recall@20'] / uniform - 1:+.1%}" if uniform and r["plan"] != "es" else "-"
+        print(f"| {r['c']} | {r['l2']:g} | {plan_label(r)} | {r['users_mean']} / {r['items_mean']} | "
+              f"{r['achieved']:.3f} | {r['max_batches']} | {r['best_batches']} | {r['val']['recall@20']:.4f} | "
+              f"{test['recall@20']:.4f} / {test['ndcg@20']:.4f} | {vs_paper} | {vs_es} | {r['seed']} | "
+              f"{r['device']} | {short_sha(r['git'])} |")
+
+
+def short_sha(git: str) -> str:
+    return git if git == "prototype" else git[:7]
+
+
+def plan_curves_table() -> None:
+    """Validation Recall@20 of the fit-only rows at the default 4000-batch cap and at their best."""
+    print("| c | L2 | plan | cap | val R@20 at 2000 | at 4000 | best (batches) | gain of best over 4000 | device "
+          "| git |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for r in plan_family_rows():
+        if not r.get("fit_only"):
+            continue
+        curve = dict((int(b), v) for b, v in r["history"])
+        at = {b: max((v for x, v in curve.items() if x <= b), default=None) for b in (2000, 4000)}
+        best = max(curve.values())
+        gain = f"{best / at[4000] - 1:+.1%}" if at[4000] else "-"
+        cell = {b: f"{v:.4f}" if v is not None else "-" for b, v in at.items()}
+        print(f"| {r['c']} | {r['l2']:g} | {plan_label(r)} | {r['max_batches']} | {cell[2000]} | "
+              f"{cell[4000] if max(curve) >= 4000 else '-'} | {best:.4f} ({r['best_batches']}) | "
+              f"{gain if max(curve) >= 4000 else '-'} | {r['device']} | {short_sha(r['git'])} |")
+
+
 TABLES = {
     "ml1m": ml1m_table,
     "ml1m-compare": ml1m_compare_table,
@@ -188,6 +249,8 @@ TABLES = {
     "lookup": lookup_table,
     "scaling": scaling_table,
     "own-size": own_size_table,
+    "plan-families": plan_families_table,
+    "plan-curves": plan_curves_table,
 }
 
 
