@@ -343,12 +343,13 @@ def grid(name: str) -> list[Job]:
         long = dict(max_batches=10_000, eval_every=500, patience=100, fit_only=True)
         return [Job("es", 0.8, 1e-3, **long), Job("split", 0.95, 1e-3, share=0.95, **long),
                 Job("split", 0.9, 3e-4, share=0.8, **long), Job("full", 0.0, 1e-3, **long)]
-    if name == "inverse":  # sizes falling with popularity, at the budget where uniform sizes lead
-        return [Job("pop", 0.8, 1e-3, alpha=a, fit_only=True) for a in (-0.25, -0.5)]
+    if name == "tilts":  # small and inverse departures from uniform sizes, at the budget where uniform sizes lead
+        return ([Job("pop", 0.8, 1e-3, alpha=a, fit_only=True) for a in (0.1, -0.1, -0.25, -0.5)]
+                + [Job("split", 0.8, 1e-3, share=s, fit_only=True) for s in (0.7, 0.55)])
     if name == "converged":  # the best plans of the sweep, and the full-size model, trained past the 4000 cap
         return [Job("es", 0.8, 1e-3, max_batches=10_000), Job("split", 0.95, 1e-3, share=0.95, max_batches=10_000),
                 Job("split", 0.9, 3e-4, share=0.8, max_batches=10_000), Job("full", 0.0, 1e-3, max_batches=10_000)]
-    raise ValueError(f"unknown grid {name!r}; known: sweep, convergence, inverse, converged")
+    raise ValueError(f"unknown grid {name!r}; known: sweep, convergence, tilts, converged")
 
 
 # ---- command line ----------------------------------------------------------------------------------------------
@@ -407,7 +408,7 @@ def main(argv: list[str] | None = None) -> int:
     export.add_argument("--out", type=Path, required=True)
     run = sub.add_parser("run", help="run a grid of plans on an exported split (torch only)")
     run.add_argument("--split", type=Path, required=True)
-    run.add_argument("--grid", required=True, help="sweep | convergence | inverse | converged")
+    run.add_argument("--grid", required=True, help="sweep | convergence | tilts | converged")
     run.add_argument("--workers", type=int, default=1)
     run.add_argument("--threads", type=int, default=1, help="torch threads per worker")
     run.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")

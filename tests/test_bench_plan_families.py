@@ -137,7 +137,8 @@ def test_the_grids_put_the_calibration_first_and_build():
     assert sweep[:3] == [pf.Job("es", 0.8, 1e-4), pf.Job("es", 0.8, 1e-3), pf.Job("es", 0.8, 1e-3, seed=1)]
     assert len(sweep) == len(set(sweep)) == 91
     assert all(job.fit_only and job.max_batches == 10_000 for job in pf.grid("convergence"))
-    assert [job.alpha for job in pf.grid("inverse")] == [-0.25, -0.5]
+    tilts = pf.grid("tilts")
+    assert all(job.c == 0.8 and job.fit_only for job in tilts) and {-0.5, 0.1} <= {job.alpha for job in tilts}
 
 
 def test_summary_tables_read_the_prototype_and_the_script_rows(monkeypatch, capsys, split_path):
