@@ -344,7 +344,8 @@ def grid(name: str) -> list[Job]:
         return [Job("es", 0.8, 1e-3, **long), Job("split", 0.95, 1e-3, share=0.95, **long),
                 Job("split", 0.9, 3e-4, share=0.8, **long), Job("full", 0.0, 1e-3, **long)]
     if name == "tilts":  # small and inverse departures from uniform sizes, at the budget where uniform sizes lead
-        return ([Job("pop", 0.8, 1e-3, alpha=a, fit_only=True) for a in (0.1, -0.1, -0.25, -0.5)]
+        return ([Job("es", 0.8, 1e-3, fit_only=True)]
+                + [Job("pop", 0.8, 1e-3, alpha=a, fit_only=True) for a in (0.1, -0.1, -0.25, -0.5)]
                 + [Job("split", 0.8, 1e-3, share=s, fit_only=True) for s in (0.7, 0.55)])
     if name == "converged":  # the best plans of the sweep, and the full-size model, trained past the 4000 cap
         return [Job("es", 0.8, 1e-3, max_batches=10_000), Job("split", 0.95, 1e-3, share=0.95, max_batches=10_000),

@@ -149,14 +149,15 @@ def test_summary_tables_read_the_prototype_and_the_script_rows(monkeypatch, caps
     uniform = {**runner.run(pf.Job("es", 0.8, 1e-3, max_batches=2, eval_every=2)), **meta}
     split = {**runner.run(pf.Job("split", 0.8, 1e-3, share=0.95, max_batches=2, eval_every=2)), **meta}
     curve = {**runner.run(pf.Job("es", 0.8, 1e-3, max_batches=4, eval_every=2, fit_only=True)), **meta}
+    tilt = {**runner.run(pf.Job("pop", 0.8, 1e-3, alpha=-0.5, max_batches=4, eval_every=2, fit_only=True)), **meta}
     prototype = {"plan": "pop", "c": 0.9, "l2": 3e-4, "params": {"alpha": 0.5, "share": 0.8}, "seed": 0,
                  "hist": [[250, 0.1]], **{k: split[k] for k in ("achieved", "users_mean", "items_mean",
                                                                 "best_batches", "val", "test")}}
-    files = {"plan_families_prototype.jsonl": [prototype], "plan_families.jsonl": [uniform, split, curve]}
+    files = {"plan_families_prototype.jsonl": [prototype], "plan_families.jsonl": [uniform, split, curve, tilt]}
     monkeypatch.setattr(summarize, "read", lambda name: files[name])
     summarize.plan_families_table()
     lines = capsys.readouterr().out.splitlines()
-    assert len(lines) == 2 + 3  # the fit-only row has no test
+    assert len(lines) == 2 + 3  # the fit-only rows have no test
     by_plan = {line.split(" | ")[2]: line for line in lines[2:]}
     assert set(by_plan) == {"es", "split users 0.95", "pop α=0.5 users 0.8"}
     ratio = split["test"]["recall@20"] / uniform["test"]["recall@20"] - 1
@@ -164,4 +165,6 @@ def test_summary_tables_read_the_prototype_and_the_script_rows(monkeypatch, caps
     assert f"{split['test']['recall@20'] / 0.2436:.1%}" in by_plan["split users 0.95"]
     summarize.plan_curves_table()
     curves = capsys.readouterr().out.splitlines()
-    assert len(curves) == 3 and "| 0123456 |" in curves[2]
+    assert len(curves) == 4 and "| 0123456 |" in curves[2]
+    gain = tilt["val"]["recall@20"] / curve["val"]["recall@20"] - 1
+    assert f"| {gain:+.1%} |" in curves[3] and curves[2].count("| - |") >= 1
