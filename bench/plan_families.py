@@ -19,6 +19,7 @@ trainer is in docs/benchmarks.md ("Size-plan families").
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import multiprocessing
 import platform
@@ -354,6 +355,22 @@ def grid(name: str) -> list[Job]:
 
 
 # ---- command line ----------------------------------------------------------------------------------------------
+def recorded_jobs(results: Path, grid_name: str, split_fingerprint: str) -> set[Job]:
+    """The jobs of ``grid_name`` already recorded in ``results`` for this split, so a lost run can be resumed."""
+    if not results.exists():
+        return set()
+    names = set(Job.__dataclass_fields__)
+    done = set()
+    for number, line in enumerate(results.read_text().splitlines(), 1):
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"{results}:{number} is not a JSON line: {exc}") from None
+        if row.get("grid") == grid_name and row.get("split") == split_fingerprint:
+            done.add(Job(**{k: v for k, v in row.items() if k in names}))
+    return done
+
+
 def code_version() -> str:
     try:
         sha = subprocess.check_output(["git", "rev-parse", "HEAD"], cwd=ROOT, text=True, stderr=subprocess.DEVNULL)
@@ -415,6 +432,7 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     run.add_argument("--results", type=Path, default=RESULTS)
     run.add_argument("--code-version", default=None, help="recorded instead of git's HEAD (a tree without .git)")
+    run.add_argument("--resume", action="store_true", help="skip the grid's jobs already recorded for this split")
     args = parser.parse_args(argv)
     if args.command == "export":
         export_split(args.config, args.out)
@@ -422,6 +440,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         jobs = grid(args.grid)
         split = Split.load(args.split)
+        if args.resume:
+            done = recorded_jobs(args.results, args.grid, split.fingerprint)
+            jobs = [job for job in jobs if job not in done]
+            print(f"resuming {args.grid}: {len(done)} recorded, {len(jobs)} to run", flush=True)
     except (OSError, ValueError) as exc:
         parser.error(str(exc))
     device_name = torch.cuda.get_device_name() if args.device.startswith("cuda") else platform.processor() or "cpu"
