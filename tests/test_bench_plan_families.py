@@ -168,3 +168,20 @@ def test_summary_tables_read_the_prototype_and_the_script_rows(monkeypatch, caps
     assert len(curves) == 4 and "| 0123456 |" in curves[2]
     gain = tilt["val"]["recall@20"] / curve["val"]["recall@20"] - 1
     assert f"| {gain:+.1%} |" in curves[3] and curves[2].count("| - |") >= 1
+
+
+def test_resume_runs_only_the_jobs_not_yet_recorded_for_the_split(monkeypatch, tmp_path, split_path):
+    jobs = [pf.Job("es", 0.8, 1e-3, max_batches=2), pf.Job("split", 0.8, 1e-3, share=0.7, max_batches=2)]
+    results = tmp_path / "rows.jsonl"
+    done = {**json.loads(json.dumps(pf.asdict(jobs[0]))), "grid": "tilts", "split": "tiny"}
+    other_split = {**json.loads(json.dumps(pf.asdict(jobs[1]))), "grid": "tilts", "split": "another"}
+    results.write_text(json.dumps(done) + "\n" + json.dumps(other_split) + "\n")
+    ran = []
+    monkeypatch.setattr(pf, "grid", lambda name: list(jobs))
+    monkeypatch.setattr(pf, "run_jobs", lambda jobs, *args, **kwargs: ran.append(jobs))
+    base = ["run", "--split", str(split_path), "--grid", "tilts", "--results", str(results)]
+    assert pf.main(base + ["--resume"]) == 0 and ran[-1] == jobs[1:]
+    assert pf.main(base) == 0 and ran[-1] == jobs  # without --resume every job runs again
+    results.write_text("{not json\n")
+    with pytest.raises(SystemExit):
+        pf.main(base + ["--resume"])
