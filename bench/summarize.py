@@ -223,20 +223,26 @@ def short_sha(git: str) -> str:
     return git if git == "prototype" else git[:7]
 
 
+def same_run(r: dict) -> tuple:
+    """What makes two fit-only rows comparable: one grid on one split and device, at one budget, weight and cap (a
+    grid resumed after a lost run spans two commits, so the commit is not part of it)."""
+    return r.get("grid"), r.get("split"), r["device"], r["c"], r["l2"], r["max_batches"]
+
+
 def plan_curves_table() -> None:
     """Validation Recall@20 of the fit-only rows at the default 4000-batch cap and at their best."""
     print("| c | L2 | plan | cap | val R@20 at 2000 | at 4000 | best (batches) | gain of best over 4000 | "
-          "best vs es (same run) | device | git |")
+          "best vs es (same grid and split) | device | git |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     fits = [r for r in plan_family_rows() if r.get("fit_only")]
-    uniform = {(r["c"], r["l2"], r["max_batches"], r["git"]): r["val"]["recall@20"] for r in fits if r["plan"] == "es"}
+    uniform = {same_run(r): r["val"]["recall@20"] for r in fits if r["plan"] == "es"}
     for r in fits:
-        es = uniform.get((r["c"], r["l2"], r["max_batches"], r["git"]))
+        es = uniform.get(same_run(r))
         vs_es = f"{r['val']['recall@20'] / es - 1:+.1%}" if es and r["plan"] != "es" else "-"
         curve = dict((int(b), v) for b, v in r["history"])
         at = {b: max((v for x, v in curve.items() if x <= b), default=None) for b in (2000, 4000)}
         best = max(curve.values())
-        gain = f"{best / at[4000] - 1:+.1%}" if at[4000] else "-"
+        gain = f"{best / at[4000] - 1:+.1%}" if at[4000] and r["max_batches"] > 4000 else "-"
         cell = {b: f"{v:.4f}" if v is not None else "-" for b, v in at.items()}
         print(f"| {r['c']} | {r['l2']:g} | {plan_label(r)} | {r['max_batches']} | {cell[2000]} | "
               f"{cell[4000] if max(curve) >= 4000 else '-'} | {best:.4f} ({r['best_batches']}) | "

@@ -148,12 +148,17 @@ def test_summary_tables_read_the_prototype_and_the_script_rows(monkeypatch, caps
     meta = {"git": "0123456789abcdef", "device": "cpu"}
     uniform = {**runner.run(pf.Job("es", 0.8, 1e-3, max_batches=2, eval_every=2)), **meta}
     split = {**runner.run(pf.Job("split", 0.8, 1e-3, share=0.95, max_batches=2, eval_every=2)), **meta}
-    curve = {**runner.run(pf.Job("es", 0.8, 1e-3, max_batches=4, eval_every=2, fit_only=True)), **meta}
-    tilt = {**runner.run(pf.Job("pop", 0.8, 1e-3, alpha=-0.5, max_batches=4, eval_every=2, fit_only=True)), **meta}
+    run = {"grid": "tilts", "split": "s1"}
+    curve = {**runner.run(pf.Job("es", 0.8, 1e-3, max_batches=4, eval_every=2, fit_only=True)), **meta, **run}
+    # the tilt comes from a resumed run on later code: still the same grid and split, so still compared with es
+    tilt = {**runner.run(pf.Job("pop", 0.8, 1e-3, alpha=-0.5, max_batches=4, eval_every=2, fit_only=True)), **meta,
+            **run, "git": "fedcba9876543210"}
+    other_split = {**tilt, "split": "s2"}
     prototype = {"plan": "pop", "c": 0.9, "l2": 3e-4, "params": {"alpha": 0.5, "share": 0.8}, "seed": 0,
                  "hist": [[250, 0.1]], **{k: split[k] for k in ("achieved", "users_mean", "items_mean",
                                                                 "best_batches", "val", "test")}}
-    files = {"plan_families_prototype.jsonl": [prototype], "plan_families.jsonl": [uniform, split, curve, tilt]}
+    files = {"plan_families_prototype.jsonl": [prototype],
+             "plan_families.jsonl": [uniform, split, curve, tilt, other_split]}
     monkeypatch.setattr(summarize, "read", lambda name: files[name])
     summarize.plan_families_table()
     lines = capsys.readouterr().out.splitlines()
@@ -165,9 +170,10 @@ def test_summary_tables_read_the_prototype_and_the_script_rows(monkeypatch, caps
     assert f"{split['test']['recall@20'] / 0.2436:.1%}" in by_plan["split users 0.95"]
     summarize.plan_curves_table()
     curves = capsys.readouterr().out.splitlines()
-    assert len(curves) == 4 and "| 0123456 |" in curves[2]
+    assert len(curves) == 5 and "| 0123456 |" in curves[2] and "| fedcba9 |" in curves[3]
     gain = tilt["val"]["recall@20"] / curve["val"]["recall@20"] - 1
-    assert f"| {gain:+.1%} |" in curves[3] and curves[2].count("| - |") >= 1
+    assert f"| {gain:+.1%} | cpu |" in curves[3]
+    assert curves[4].endswith("| - | - | cpu | fedcba9 |")  # another split: no es to compare with; cap 4: no gain
 
 
 def test_resume_runs_only_the_jobs_not_yet_recorded_for_the_split(monkeypatch, tmp_path, split_path):
