@@ -320,6 +320,9 @@ def _rounded(metrics: dict[str, float]) -> dict[str, float]:
 
 
 # ---- grids -----------------------------------------------------------------------------------------------------
+GRIDS = ("sweep", "convergence", "tilts", "converged", "converged_es")
+
+
 def grid(name: str) -> list[Job]:
     """The named job lists behind docs/benchmarks.md ("Size-plan families"), highest priority first."""
     families = [dict(plan="split", share=0.95), dict(plan="split", share=0.8), dict(plan="split", share=0.45),
@@ -351,7 +354,10 @@ def grid(name: str) -> list[Job]:
     if name == "converged":  # the best plans of the sweep, and the full-size model, trained past the 4000 cap
         return [Job("es", 0.8, 1e-3, max_batches=10_000), Job("split", 0.95, 1e-3, share=0.95, max_batches=10_000),
                 Job("split", 0.9, 3e-4, share=0.8, max_batches=10_000), Job("full", 0.0, 1e-3, max_batches=10_000)]
-    raise ValueError(f"unknown grid {name!r}; known: sweep, convergence, tilts, converged")
+    if name == "converged_es":  # uniform sizes past the cap beside the converged users-heavy plans (same L2, cap)
+        return [Job("es", 0.9, 3e-4, max_batches=10_000), Job("es", 0.95, 1e-3, max_batches=10_000),
+                Job("es", 0.9, 1e-3, max_batches=10_000)]
+    raise ValueError(f"unknown grid {name!r}; known: {', '.join(GRIDS)}")
 
 
 # ---- command line ----------------------------------------------------------------------------------------------
@@ -426,7 +432,7 @@ def main(argv: list[str] | None = None) -> int:
     export.add_argument("--out", type=Path, required=True)
     run = sub.add_parser("run", help="run a grid of plans on an exported split (torch only)")
     run.add_argument("--split", type=Path, required=True)
-    run.add_argument("--grid", required=True, help="sweep | convergence | tilts | converged")
+    run.add_argument("--grid", required=True, help=" | ".join(GRIDS))
     run.add_argument("--workers", type=int, default=1)
     run.add_argument("--threads", type=int, default=1, help="torch threads per worker")
     run.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")

@@ -139,6 +139,12 @@ def test_the_grids_put_the_calibration_first_and_build():
     assert all(job.fit_only and job.max_batches == 10_000 for job in pf.grid("convergence"))
     tilts = pf.grid("tilts")
     assert all(job.c == 0.8 and job.fit_only for job in tilts) and {-0.5, 0.1} <= {job.alpha for job in tilts}
+    # every converged users-heavy plan has uniform sizes at its budget, weight and cap to be compared with
+    uniform = {(job.c, job.l2, job.max_batches) for job in pf.grid("converged_es")}
+    assert all(job.plan == "es" for job in pf.grid("converged_es"))
+    assert {(job.c, job.l2, job.max_batches) for job in pf.grid("converged") if job.plan == "split"} <= uniform
+    with pytest.raises(ValueError, match="converged_es"):
+        pf.grid("no-such-grid")
 
 
 def test_summary_tables_read_the_prototype_and_the_script_rows(monkeypatch, capsys, split_path):
