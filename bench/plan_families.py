@@ -320,7 +320,7 @@ def _rounded(metrics: dict[str, float]) -> dict[str, float]:
 
 
 # ---- grids -----------------------------------------------------------------------------------------------------
-GRIDS = ("sweep", "convergence", "tilts", "converged", "converged_es")
+GRIDS = ("sweep", "convergence", "tilts", "converged", "converged_es", "uniform_ceiling")
 
 
 def grid(name: str) -> list[Job]:
@@ -357,6 +357,8 @@ def grid(name: str) -> list[Job]:
     if name == "converged_es":  # uniform sizes past the cap beside the converged users-heavy plans (same L2, cap)
         return [Job("es", 0.9, 3e-4, max_batches=10_000), Job("es", 0.95, 1e-3, max_batches=10_000),
                 Job("es", 0.9, 1e-3, max_batches=10_000)]
+    if name == "uniform_ceiling":  # can uniform sizes reach 97% of the paper at c = 0.80: more patience, more L2
+        return [Job("es", 0.8, 1e-3, max_batches=10_000, patience=12), Job("es", 0.8, 2e-3, max_batches=10_000)]
     raise ValueError(f"unknown grid {name!r}; known: {', '.join(GRIDS)}")
 
 

@@ -203,20 +203,26 @@ def plan_families_table() -> None:
     """Final-protocol rows by budget and L2 weight, with the paper's CIESS row and uniform sizes at the same weight."""
     rows = sorted((r for r in plan_family_rows() if r.get("test")),
                   key=lambda r: (r["c"], r["l2"], r["plan"] != "es", plan_label(r), r["seed"], r["max_batches"]))
-    es = {(r["c"], r["l2"], r["max_batches"]): r["test"]["recall@20"] for r in rows if r["plan"] == "es"}
+    es = {recipe(r): r["test"]["recall@20"] for r in rows if r["plan"] == "es"}
     print("| c | L2 | plan | users / items (mean) | achieved | cap | best batches | val R@20 | test R@20 / N@20 | "
-          "vs paper CIESS | vs es (same L2, cap) | seed | device | git |")
+          "vs paper CIESS | vs es (same L2, cap, patience) | seed | device | git |")
     print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         test = r["test"]
         paper = PAPER_CIESS["lightgcn"].get(r["c"])
         vs_paper = f"{test['recall@20'] / paper[0]:.1%} / {test['ndcg@20'] / paper[1]:.1%}" if paper else "-"
-        uniform = es.get((r["c"], r["l2"], r["max_batches"]))
+        uniform = es.get(recipe(r))
         vs_es = f"{test['recall@20'] / uniform - 1:+.1%}" if uniform and r["plan"] != "es" else "-"
-        print(f"| {r['c']} | {r['l2']:g} | {plan_label(r)} | {r['users_mean']} / {r['items_mean']} | "
+        patience = f" (patience {r['patience']})" if r.get("patience", 4) != 4 else ""
+        print(f"| {r['c']} | {r['l2']:g} | {plan_label(r)}{patience} | {r['users_mean']} / {r['items_mean']} | "
               f"{r['achieved']:.3f} | {r['max_batches']} | {r['best_batches']} | {r['val']['recall@20']:.4f} | "
               f"{test['recall@20']:.4f} / {test['ndcg@20']:.4f} | {vs_paper} | {vs_es} | {r['seed']} | "
               f"{r['device']} | {short_sha(r['git'])} |")
+
+
+def recipe(r: dict) -> tuple:
+    """What a final-protocol row is compared with es on: its budget, L2 weight, cap and early-stopping patience."""
+    return r["c"], r["l2"], r["max_batches"], r.get("patience", 4)
 
 
 def short_sha(git: str) -> str:

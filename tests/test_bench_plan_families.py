@@ -143,7 +143,9 @@ def test_the_grids_put_the_calibration_first_and_build():
     uniform = {(job.c, job.l2, job.max_batches) for job in pf.grid("converged_es")}
     assert all(job.plan == "es" for job in pf.grid("converged_es"))
     assert {(job.c, job.l2, job.max_batches) for job in pf.grid("converged") if job.plan == "split"} <= uniform
-    with pytest.raises(ValueError, match="converged_es"):
+    ceiling = pf.grid("uniform_ceiling")
+    assert all(job.plan == "es" and job.c == 0.8 for job in ceiling) and {j.patience for j in ceiling} == {4, 12}
+    with pytest.raises(ValueError, match="uniform_ceiling"):
         pf.grid("no-such-grid")
 
 
@@ -163,14 +165,16 @@ def test_summary_tables_read_the_prototype_and_the_script_rows(monkeypatch, caps
     prototype = {"plan": "pop", "c": 0.9, "l2": 3e-4, "params": {"alpha": 0.5, "share": 0.8}, "seed": 0,
                  "hist": [[250, 0.1]], **{k: split[k] for k in ("achieved", "users_mean", "items_mean",
                                                                 "best_batches", "val", "test")}}
+    # uniform sizes with more patience: labelled, and not what the split is compared with
+    patient = {**uniform, "patience": 12, "test": {**uniform["test"], "recall@20": 0.5}}
     files = {"plan_families_prototype.jsonl": [prototype],
-             "plan_families.jsonl": [uniform, split, curve, tilt, other_split]}
+             "plan_families.jsonl": [uniform, patient, split, curve, tilt, other_split]}
     monkeypatch.setattr(summarize, "read", lambda name: files[name])
     summarize.plan_families_table()
     lines = capsys.readouterr().out.splitlines()
-    assert len(lines) == 2 + 3  # the fit-only rows have no test
+    assert len(lines) == 2 + 4  # the fit-only rows have no test
     by_plan = {line.split(" | ")[2]: line for line in lines[2:]}
-    assert set(by_plan) == {"es", "split users 0.95", "pop α=0.5 users 0.8"}
+    assert set(by_plan) == {"es", "es (patience 12)", "split users 0.95", "pop α=0.5 users 0.8"}
     ratio = split["test"]["recall@20"] / uniform["test"]["recall@20"] - 1
     assert f"{ratio:+.1%}" in by_plan["split users 0.95"] and "| prototype |" in by_plan["pop α=0.5 users 0.8"]
     assert f"{split['test']['recall@20'] / 0.2436:.1%}" in by_plan["split users 0.95"]
