@@ -320,7 +320,8 @@ def _rounded(metrics: dict[str, float]) -> dict[str, float]:
 
 
 # ---- grids -----------------------------------------------------------------------------------------------------
-GRIDS = ("sweep", "convergence", "tilts", "converged", "converged_es", "uniform_ceiling")
+GRIDS = ("sweep", "convergence", "tilts", "converged", "converged_es", "uniform_ceiling",
+         "tilts_ceiling")
 
 
 def grid(name: str) -> list[Job]:
@@ -359,6 +360,8 @@ def grid(name: str) -> list[Job]:
                 Job("es", 0.9, 1e-3, max_batches=10_000)]
     if name == "uniform_ceiling":  # can uniform sizes reach 97% of the paper at c = 0.80: more patience, more L2
         return [Job("es", 0.8, 1e-3, max_batches=10_000, patience=12), Job("es", 0.8, 2e-3, max_batches=10_000)]
+    if name == "tilts_ceiling":  # the two tilts nearest uniform, trained like the uniform_ceiling es row beside them
+        return [Job("pop", 0.8, 1e-3, alpha=a, max_batches=10_000, patience=12) for a in (-0.1, 0.1)]
     raise ValueError(f"unknown grid {name!r}; known: {', '.join(GRIDS)}")
 
 

@@ -145,7 +145,12 @@ def test_the_grids_put_the_calibration_first_and_build():
     assert {(job.c, job.l2, job.max_batches) for job in pf.grid("converged") if job.plan == "split"} <= uniform
     ceiling = pf.grid("uniform_ceiling")
     assert all(job.plan == "es" and job.c == 0.8 for job in ceiling) and {j.patience for j in ceiling} == {4, 12}
-    with pytest.raises(ValueError, match="uniform_ceiling"):
+    # the nearest tilts are trained exactly like the patient es row, so summarize compares them with it
+    patient_es = {(j.c, j.l2, j.max_batches, j.patience) for j in ceiling}
+    tilts_ceiling = pf.grid("tilts_ceiling")
+    assert {(j.c, j.l2, j.max_batches, j.patience) for j in tilts_ceiling} <= patient_es
+    assert sorted(j.alpha for j in tilts_ceiling) == [-0.1, 0.1] and not any(j.fit_only for j in tilts_ceiling)
+    with pytest.raises(ValueError, match="tilts_ceiling"):
         pf.grid("no-such-grid")
 
 
