@@ -149,7 +149,9 @@ def test_the_grids_put_the_calibration_first_and_build():
     patient_es = {(j.c, j.l2, j.max_batches, j.patience) for j in ceiling}
     tilts_ceiling = pf.grid("tilts_ceiling")
     assert {(j.c, j.l2, j.max_batches, j.patience) for j in tilts_ceiling} <= patient_es
-    assert sorted(j.alpha for j in tilts_ceiling) == [-0.1, 0.1] and not any(j.fit_only for j in tilts_ceiling)
+    assert sorted(j.alpha for j in tilts_ceiling) == [-0.1, 0.1, 0.1] and not any(j.fit_only for j in tilts_ceiling)
+    # a second seed for the closest pair: the patient es row and the tilt that came nearest it
+    assert {(j.plan, j.seed) for j in ceiling + tilts_ceiling if j.seed == 1} == {("es", 1), ("pop", 1)}
     with pytest.raises(ValueError, match="tilts_ceiling"):
         pf.grid("no-such-grid")
 
