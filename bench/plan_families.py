@@ -358,12 +358,12 @@ def grid(name: str) -> list[Job]:
     if name == "converged_es":  # uniform sizes past the cap beside the converged users-heavy plans (same L2, cap)
         return [Job("es", 0.9, 3e-4, max_batches=10_000), Job("es", 0.95, 1e-3, max_batches=10_000),
                 Job("es", 0.9, 1e-3, max_batches=10_000)]
+    patient = dict(max_batches=10_000, patience=12)  # the ceiling grids' recipe: past the cap, slow to stop
     if name == "uniform_ceiling":  # can uniform sizes reach 97% of the paper at c = 0.80: more patience, more L2
-        return [Job("es", 0.8, 1e-3, max_batches=10_000, patience=12), Job("es", 0.8, 2e-3, max_batches=10_000),
-                Job("es", 0.8, 1e-3, max_batches=10_000, patience=12, seed=1)]
+        return [Job("es", 0.8, 1e-3, **patient), Job("es", 0.8, 2e-3, max_batches=10_000),
+                Job("es", 0.8, 1e-3, seed=1, **patient)]
     if name == "tilts_ceiling":  # the two tilts nearest uniform, trained like the uniform_ceiling es row beside them
-        return [Job("pop", 0.8, 1e-3, alpha=a, max_batches=10_000, patience=12, seed=seed)
-                for a, seed in ((-0.1, 0), (0.1, 0), (0.1, 1))]
+        return [Job("pop", 0.8, 1e-3, alpha=a, seed=seed, **patient) for a, seed in ((-0.1, 0), (0.1, 0), (0.1, 1))]
     raise ValueError(f"unknown grid {name!r}; known: {', '.join(GRIDS)}")
 
 

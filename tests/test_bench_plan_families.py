@@ -2,6 +2,7 @@
 draws what BPRSampler draws, and a job writes a row."""
 
 import json
+from dataclasses import asdict
 
 import numpy as np
 import pytest
@@ -10,6 +11,7 @@ import torch
 from torchrec import KeyedJaggedTensor
 
 from bench import plan_families as pf
+from bench import summarize
 from ciess_prod.eval.metrics import rank_users
 from ciess_prod.models import SIDES, ModelConfig, build_model
 
@@ -146,9 +148,8 @@ def test_the_grids_put_the_calibration_first_and_build():
     ceiling = pf.grid("uniform_ceiling")
     assert all(job.plan == "es" and job.c == 0.8 for job in ceiling) and {j.patience for j in ceiling} == {4, 12}
     # the nearest tilts are trained exactly like the patient es row, so summarize compares them with it
-    patient_es = {(j.c, j.l2, j.max_batches, j.patience) for j in ceiling}
     tilts_ceiling = pf.grid("tilts_ceiling")
-    assert {(j.c, j.l2, j.max_batches, j.patience) for j in tilts_ceiling} <= patient_es
+    assert {summarize.recipe(asdict(j)) for j in tilts_ceiling} <= {summarize.recipe(asdict(j)) for j in ceiling}
     assert sorted(j.alpha for j in tilts_ceiling) == [-0.1, 0.1, 0.1] and not any(j.fit_only for j in tilts_ceiling)
     # a second seed for the closest pair: the patient es row and the tilt that came nearest it
     assert {(j.plan, j.seed) for j in ceiling + tilts_ceiling if j.seed == 1} == {("es", 1), ("pop", 1)}
