@@ -10,7 +10,8 @@ their own steps, so that one process times a whole search. `--size-penalty`, `--
 `--seed` run them at another lambda, TD3 discount, eval(item), random warm-up, warm reference basis, candidate ranking,
 lambda control, lambda's proportional gain or search seed (rows record them as `size_penalty`, `gamma`,
 `item_quality`, `random_steps`, `reference_basis`, `probe_top`, `penalty_control`, `penalty_gain` and `seed`; and the
-config's `fill_budget` and `candidates_from`). Every row is tested
+config's `fill_budget` and `candidates_from`). `--restarts K` runs K searches at successive seeds and chooses every
+budget's plan from all of them (rows record `restarts` and the chosen plan's `chosen_seed`). Every row is tested
 under the same protocol as the `es` rows (configs/ml1m-search.yaml: `final`). Takes an hour or more on 2 cores: run
 it in the background with a log.
 
@@ -108,11 +109,11 @@ def with_search_settings(base: SearchExperimentConfig, size_penalty: float | Non
                          item_quality: str | None = None, random_steps: int | None = None,
                          reference_basis: str | None = None, probe_top: int | None = None,
                          penalty_control: str | None = None, seed: int | None = None,
-                         penalty_gain: float | None = None) -> SearchExperimentConfig:
+                         penalty_gain: float | None = None, restarts: int | None = None) -> SearchExperimentConfig:
     """The config's search at another lambda, TD3 discount, item quality signal, number of random warm-up steps,
-    reference basis, candidate ranking, lambda control, lambda's proportional gain or search seed, in its own output
-    directory (``<output_dir>-lambda2-gamma0-items-hits-random20-principal-probe6-track-gain1-seed1``; its variants get
-    their suffix after it)."""
+    reference basis, candidate ranking, lambda control, lambda's proportional gain, search seed or number of restarts,
+    in its own output directory (``<output_dir>-lambda2-gamma0-items-hits-random20-principal-probe6-track-gain1-seed1-
+    restarts3``; its variants get their suffix after it)."""
     search, suffix = base.search, ""
     if size_penalty is not None and size_penalty != search.size_penalty:
         search, suffix = dataclasses.replace(search, size_penalty=size_penalty), f"{suffix}-lambda{size_penalty:g}"
@@ -137,6 +138,8 @@ def with_search_settings(base: SearchExperimentConfig, size_penalty: float | Non
         search, suffix = dataclasses.replace(search, penalty_gain=penalty_gain), f"{suffix}-gain{penalty_gain:g}"
     if seed is not None and seed != search.seed:  # the search's agents and exploration; the data split stays
         search, suffix = dataclasses.replace(search, seed=seed), f"{suffix}-seed{seed}"
+    if restarts is not None and restarts != search.restarts:
+        search, suffix = dataclasses.replace(search, restarts=restarts), f"{suffix}-restarts{restarts}"
     if not suffix:
         return base
     return dataclasses.replace(base, search=search, output_dir=base.output_dir + suffix,
@@ -223,6 +226,10 @@ def main(argv: list[str] | None = None) -> int:
                         help="searches: this search seed (agents, exploration, step training) instead of the "
                              "config's, in <output_dir>-seed<N>; the data split and reference stay (rows record it "
                              "as seed)")
+    parser.add_argument("--restarts", type=positive_int, metavar="K",
+                        help="searches: K searches at seeds seed .. seed + K - 1, every budget's plan chosen from all "
+                             "of them, in <output_dir>-restarts<K> (rows record it as restarts, and the chosen "
+                             "plan's seed as chosen_seed)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", force=True)
     base = load_yaml(SearchExperimentConfig, args.config)
@@ -241,7 +248,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--probe-top must be 0 or >= the config's top_l ({base.search.top_l}), got {args.probe_top}")
     searched = with_search_settings(base, args.size_penalty, args.gamma, args.item_quality, args.random_steps,
                                     args.reference_basis, args.probe_top, args.penalty_control, args.seed,
-                                    penalty_gain=args.penalty_gain)
+                                    penalty_gain=args.penalty_gain, restarts=args.restarts)
     dataset = load_dataset(base.data, ROOT)
 
     for method in args.methods:
@@ -270,7 +277,7 @@ def main(argv: list[str] | None = None) -> int:
                              penalty_gain=config.search.penalty_gain,
                              fill_budget=config.search.fill_budget, candidates_from=config.search.candidates_from,
                              retrain_workers=args.retrain_workers, process_seconds=seconds(summary["process_seconds"]),
-                             own_steps=not reused)
+                             own_steps=not reused, restarts=config.search.restarts, chosen_seed=plan.seed)
                 append_jsonl(args.results, record)
                 print_row(record)
             continue

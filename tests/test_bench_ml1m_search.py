@@ -74,6 +74,9 @@ def test_another_lambda_or_gamma_searches_in_its_own_directory_with_the_shared_r
     damped = with_search_settings(base, penalty_control="signed", seed=2, penalty_gain=1.5)
     assert damped.output_dir == "/data/run-signed-gain1.5-seed2" and damped.search.penalty_gain == 1.5
     assert with_search_settings(base, penalty_gain=0.0) is base
+    pooled = with_search_settings(base, seed=2, restarts=3)
+    assert pooled.output_dir == "/data/run-seed2-restarts3" and pooled.search.restarts == 3
+    assert pooled.reference_dir == "/data/run/reference" and with_search_settings(base, restarts=1) is base
 
 
 def test_another_l2_trains_its_own_reference_in_its_own_directory():

@@ -162,3 +162,13 @@ def test_ranks_with_unequal_evaluation_chunks_do_not_deadlock(tmp_path):
     data = {**TINY["data"], "synthetic": {**TINY["data"]["synthetic"], "n_examples": 6010}}
     out = run(tmp_path, "uneven", 2, data=data, train={"eval_batch": 300}, search={"episodes": 1})
     assert all(plan.fits_budget() for plan in plans(out).values())
+
+
+def test_the_sharded_search_refuses_restarts_by_name():
+    """The sharded search runs one search; a config asking for restarts is refused before any work starts."""
+    from ciess_prod.config import ConfigError
+    from ciess_prod.distributed.search import run_sharded_search
+    from ciess_prod.search.config import SearchConfig
+
+    with pytest.raises(ConfigError, match="search.restarts 3: the sharded search runs one search"):
+        run_sharded_search(None, SearchConfig(restarts=3), d_max=16, output_dir="unused", settings={})

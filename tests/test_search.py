@@ -676,3 +676,85 @@ def test_a_candidate_shared_by_two_budgets_is_retrained_once(tmp_path, monkeypat
     assert ("ignoring the unreadable candidate fit" in caplog.text) == (protocol == "final")  # train_only never reads
     assert third.metrics["test"] == first.metrics["test"]
     assert json.loads(entry.read_text())["best_batches"] == first.metrics["selection"]["best_batches"]
+
+
+def test_restarts_pool_their_records_and_probe_each_restarts_best(tmp_path):
+    """Pooled records keep every restart's configurations, tagged with the restart and ranked by mean q; the probe
+    pool takes each restart's best `probe_top`, and the candidates are ranked by probe across restarts."""
+    from ciess_prod.search.candidates import CandidateFit, CandidateFits
+    from ciess_prod.search.record import leading_per_restart
+    from ciess_prod.search.selection import probe_pool
+
+    with pytest.raises(ValueError, match="restarts must be >= 1"):
+        SearchConfig(restarts=0)
+
+    def visited(step: int, size: int, q: float) -> Visited:
+        return Visited(step, 1 - size / 16, q, {"user": torch.full((5,), size), "item": torch.full((4,), step + 1)})
+
+    first, second = ConfigurationRecord((0.5,), keep=2), ConfigurationRecord((0.5,), keep=2)
+    for v in (visited(0, 4, 0.9), visited(1, 3, 0.8), visited(2, 7, 0.7)):
+        first.add(v)
+    for v in (visited(0, 5, 0.95), visited(1, 1, 0.5)):
+        second.add(v)
+    pooled = ConfigurationRecord.pooled([first, second])
+    assert [(v.restart, v.step) for v in pooled.best[0.5]] == [(1, 0), (0, 0), (0, 1), (1, 1)]
+    assert (pooled.sparsest.restart, pooled.sparsest.step) == (1, 1) and pooled.keep == 4
+    assert [(v.restart, v.step) for v in leading_per_restart(pooled.best[0.5], 1)] == [(1, 0), (0, 0)]
+    reloaded = ConfigurationRecord((0.5,), keep=4)
+    reloaded.load_state_dict(pooled.state_dict())
+    assert [(v.restart, v.step) for v in reloaded.best[0.5]] == [(1, 0), (0, 0), (0, 1), (1, 1)]
+
+    config = dataclasses.replace(TINY, search=dataclasses.replace(TINY.search, budgets=(0.5,), top_l=1, probe_top=1,
+                                                                  restarts=2))
+    pool = probe_pool(config, pooled, 0.5)
+    assert [(v.restart, v.step) for v in pool] == [(1, 0), (0, 0)]  # each restart's best by mean q
+    probes = CandidateFits(tmp_path / "probes", {"probe": True})
+    for v, recall in zip(pool, (0.10, 0.30), strict=True):
+        probes.put(v.sizes, CandidateFit(val={"recall@20": recall}, best_batches=20, seconds=1.0))
+    ranked, _ = budget_candidates(config, pooled, 0.5, probes)
+    assert [(v.restart, v.step) for v in ranked] == [(0, 0)]  # restart 0's, by its probe, though its mean q is lower
+
+
+def test_restarts_run_whole_searches_at_successive_seeds_and_choose_from_all(tmp_path):
+    """`restarts`: the first restart is the search at its own seed (a finished one's steps are kept), the next run
+    the steps a search alone at seed + 1 runs, and every budget's plan is the best probe over all restarts."""
+    from ciess_prod.search import selection
+
+    settings = {"budgets": (0.3, 0.6), "top_l": 1, "probe_top": 2, "probe_batches": 20, "candidates_from": "loosest"}
+    one = _tiny(tmp_path, "restarts", **settings)
+    assert run_search(one)["finished"]
+    first = torch.load(Path(one.output_dir) / STATE_FILE, weights_only=True)
+    two = dataclasses.replace(one, search=dataclasses.replace(one.search, restarts=2))
+    assert run_search(two, resume=True, stop_after_steps=2) == {"completed_steps": 8, "finished": False}
+    kept = torch.load(Path(one.output_dir) / STATE_FILE, weights_only=True)
+    assert kept["seconds"] == first["seconds"] and kept["step"] == 6  # restart 0's steps were not run again
+    summary = run_search(two, resume=True)
+    assert summary["finished"] and summary["completed_steps"] == 12
+    assert [(r["seed"], r["completed_steps"]) for r in summary["restarts"]] == [(0, 6), (1, 6)]
+    assert summary["search_seconds"] == pytest.approx(sum(r["search_seconds"] for r in summary["restarts"]))
+
+    alone = _tiny(tmp_path, "seed1", seed=1, **settings)
+    assert run_search(alone, stop_after_steps=5)["finished"] is False  # its steps only
+    restart = torch.load(Path(one.output_dir) / "restart1" / STATE_FILE, weights_only=True)
+    solo = torch.load(Path(alone.output_dir) / STATE_FILE, weights_only=True)
+    assert restart["history"][:5] == solo["history"] and restart["settings"] == solo["settings"]
+
+    records = []
+    for state in (kept, restart):
+        record = ConfigurationRecord(tuple(one.search.budgets), one.search.recorded)
+        record.load_state_dict(state["record"])
+        records.append(record)
+    pooled = ConfigurationRecord.pooled(records)
+    dataset = load_dataset(two.data, ROOT)
+    probes = selection.probe_fits(two, dataset, Path(two.output_dir))
+    pool = selection.probe_pool(two, pooled, 0.3)
+    recalls = {(v.restart, v.step): probes.get(v.sizes).val["recall@20"] for v in pool}
+    assert {r for r, _ in recalls} == {0, 1}  # both restarts were probed
+    history = json.loads((Path(two.output_dir) / "report" / "history.json").read_text())["history"]
+    assert [h["restart"] for h in history] == [0] * 6 + [1] * 6 and history[6]["global_step"] == 6
+    for c in two.search.budgets:
+        plan = DimensionPlan.load(Path(two.output_dir) / "plans" / f"c{c:.2f}")
+        chosen = plan.metrics["selection"]
+        assert chosen["probe_recall@20"] == max(recalls.values()) and plan.fits_budget()
+        assert recalls[chosen["restart"], chosen["step"]] == chosen["probe_recall@20"]
+        assert plan.seed == chosen["restart"]  # the seed of the restart that visited it (seed 0 + restart)

@@ -44,7 +44,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from ciess_prod.config import require_same_settings
+from ciess_prod.config import ConfigError, require_same_settings
 from ciess_prod.distributed.checkpoint import latest_step, load_state, save_state
 from ciess_prod.distributed.environment import KeptRows, all_reduce, full_sizes, kept_rows
 from ciess_prod.distributed.layout import TableLayout
@@ -163,6 +163,9 @@ def run_sharded_search(
     checkpoints saved with other settings, or on another number of ranks.
     ``fail_at_step``: SIGKILL this process once that many steps are checkpointed (fault-tolerance tests).
     """
+    if search.restarts != 1:
+        raise ConfigError(f"search.restarts {search.restarts}: the sharded search runs one search; run one per seed "
+                          "(search.seed), or the single-process search (run_search), which pools its restarts")
     out = Path(output_dir)
     rank, world = dist.get_rank(), dist.get_world_size()
     started = time.perf_counter()

@@ -17,8 +17,9 @@ from ciess_prod.train.protocol import Protocol
 from ciess_prod.train.trainer import TrainConfig
 
 # only choose and retrain plans once the steps are done, so a resumed search may change them (bench/ml1m_search.py's
-# ciess_fill and ciess_scaled retrain a finished search's steps with other ones)
-SELECTION_SETTINGS = ("top_l", "fill_budget", "candidates_from", "probe_top", "probe_batches")
+# ciess_fill and ciess_scaled retrain a finished search's steps with other ones); `restarts` adds or drops whole
+# searches beside this one, each saved with its own steps
+SELECTION_SETTINGS = ("top_l", "fill_budget", "candidates_from", "probe_top", "probe_batches", "restarts")
 
 
 @dataclass(frozen=True)
@@ -55,6 +56,10 @@ class SearchConfig:
     exploration: ExplorationConfig = field(default_factory=ExplorationConfig)
     environment: EnvironmentConfig = field(default_factory=EnvironmentConfig)
     seed: int = 0  # seeds agents, exploration, buffers and every environment step
+    # independent searches at seeds seed, seed + 1, ...; every budget's candidates come from all of them (with
+    # probe_top: each restart's best probe_top by mean q, ranked together by their probes). The outcome of one seed
+    # varies more than the methods differ (docs/benchmarks.md); this buys robustness with restarts x the steps [I]
+    restarts: int = 1
 
     @property
     def recorded(self) -> int:
@@ -72,7 +77,7 @@ class SearchConfig:
     def __post_init__(self) -> None:
         if not self.budgets or any(not 0.0 <= c < 1.0 for c in self.budgets):
             raise ValueError(f"budgets must be sparsities in [0, 1), got {self.budgets}")
-        for name in ("episodes", "steps_per_episode", "top_l", "probe_batches"):
+        for name in ("episodes", "steps_per_episode", "top_l", "probe_batches", "restarts"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.probe_top and self.probe_top < self.top_l:

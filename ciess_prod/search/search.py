@@ -7,11 +7,14 @@ r_n = q_n - lambda (d_n / d_max)^2 go to the replay buffer, and TD3 updates. Eve
 recorded; the best ``top_l`` per budget (those meeting it, ranked by mean q, or by a short retraining of the best
 ``probe_top``) are retrained to convergence, the best on validation is tested under the same protocol as the
 baselines, and a ``DimensionPlan`` is written.
-The state is checkpointed after every step; ``resume=True`` continues from the last completed step.
+The state is checkpointed after every step; ``resume=True`` continues from the last completed step. With
+``restarts`` > 1 several such searches (seeds seed, seed + 1, ...) run one after another and the plans are chosen
+from all of their configurations.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import os
@@ -178,42 +181,35 @@ def train_reference(config: SearchExperimentConfig, dataset: RecDataset, path: P
     return model
 
 
-def run_search(
-    config: SearchExperimentConfig,
-    base_dir: Path | None = None,
-    resume: bool = False,
-    stop_after_steps: int | None = None,
-    retrain_budgets: Sequence[float] | None = None,
-    retrain_workers: int = 1,
-) -> dict[str, Any]:
-    """Runs (or resumes) the search and the final retraining; returns the summary written to search.json.
+def restart_dir(out: Path, restart: int) -> Path:
+    """Where a restart keeps its steps: restart 0 is the search at its own seed, in ``out`` itself, so that raising
+    ``restarts`` on a finished search keeps its steps."""
+    return out if restart == 0 else out / f"restart{restart}"
 
-    ``stop_after_steps`` ends the process-local run after that many completed steps (used to test resuming).
-    ``retrain_budgets`` (with ``resume``, on a finished search) chooses only those budgets' plans in this process, so
-    that separate processes retrain one search's budgets in parallel; the process that completes the last plan
-    writes the report and search.json, the others return ``{"finished": False, "pending_budgets": [...]}``.
-    ``retrain_workers`` > 1 retrains this process's budgets in that many worker processes at once, each with an
-    equal share of this process's threads (the steps are sequential, the budgets' retrainings are not).
-    """
+
+def restart_config(config: SearchExperimentConfig, restart: int) -> SearchExperimentConfig:
+    """One restart as a search of its own: the same settings at seed ``seed + restart``, so its steps are those of a
+    search started alone at that seed (and its saved state can be one)."""
+    search = dataclasses.replace(config.search, seed=config.search.seed + restart, restarts=1)
+    return dataclasses.replace(config, search=search, output_dir=str(restart_dir(Path(config.output_dir), restart)))
+
+
+def run_steps(
+    config: SearchExperimentConfig,
+    dataset: RecDataset,
+    env: SizeEnvironment,
+    full: Quality,
+    resume: bool,
+    max_steps: int | None,
+) -> tuple[SearchState, int]:
+    """Runs (or resumes) one search's steps, at most ``max_steps`` of them in this call (0: only load the saved
+    state); returns the state and the steps this call ran."""
     search, d_max = config.search, config.model.d_max
-    if retrain_workers < 1:
-        raise ValueError(f"retrain_workers must be >= 1, got {retrain_workers}")
-    if retrain_budgets is not None:
-        unknown = sorted(set(retrain_budgets) - set(search.budgets))
-        if unknown or not resume:
-            raise ValueError(f"retrain_budgets must be budgets of the search {list(search.budgets)} and needs "
-                             f"resume=True, got {list(retrain_budgets)} (unknown: {unknown}), resume={resume}")
     out = Path(config.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    started = time.perf_counter()
-    dataset = load_dataset(config.data, base_dir)
-    reference = train_reference(config, dataset, Path(config.reference_dir or out / "reference"))
-    env = SizeEnvironment(dataset, config.model, config.train, search.environment, reference)
     popularity = {"user": dataset.user_popularity(), "item": dataset.item_popularity()}
     pop_state = {s: normalise_popularity(popularity[s]) for s in SIDES}
     n_rows = {"user": dataset.n_users, "item": dataset.n_items}
-
-    full = env.full_size_quality()
     state = SearchState(
         step=0,
         sizes={s: torch.full((n_rows[s],), d_max, dtype=torch.int64) for s in SIDES},
@@ -235,14 +231,16 @@ def run_search(
         saved = torch.load(state_path, weights_only=True)
         require_same_settings(saved.get("settings"), state.settings, f"the search state {state_path}")
         state.load_state_dict(saved)
-        log.info("resumed from step %d", state.step)
+        log.info("resumed %s from step %d", out, state.step)
 
     total = search.episodes * search.steps_per_episode
-    if retrain_budgets is not None and state.step < total:
-        raise ValueError(f"retrain_budgets needs a finished search; {out} has {state.step} of {total} steps")
-    bar = tqdm(total=total, initial=state.step, desc="ciess search", disable=not config.train.progress)
+    last = total if max_steps is None else min(total, state.step + max_steps)
+    if state.step >= last:
+        return state, 0
+    bar = tqdm(total=total, initial=state.step, desc=f"ciess search (seed {search.seed})",
+               disable=not config.train.progress)
     steps_this_run = 0
-    while state.step < total:
+    while state.step < last:
         step_started = time.perf_counter()
         episode, step = divmod(state.step, search.steps_per_episode)
         if step == 0:  # every episode starts at full size, where q = 1 by definition
@@ -292,33 +290,96 @@ def run_search(
         bar.set_postfix(sparsity=f"{entry['sparsity']:.3f}", q=f"{entry['mean_q']:.3f}")
         log.info("step %d: %s", state.step, {k: round(v, 4) for k, v in entry.items()})
         steps_this_run += 1
-        if stop_after_steps is not None and steps_this_run >= stop_after_steps and state.step < total:
-            bar.close()
-            return {"completed_steps": state.step, "finished": False}
     bar.close()
+    return state, steps_this_run
+
+
+def restarts_history(states: Sequence[SearchState], episodes: int, total: int) -> list[dict[str, float]]:
+    """The restarts' step histories one after another, each entry tagged with its restart and its episode and global
+    step counted on from the previous restart's, so the report's per-episode summary keeps them apart."""
+    return [
+        {**h, "restart": r, "episode": h["episode"] + r * episodes, "global_step": h["global_step"] + r * total}
+        for r, state in enumerate(states)
+        for h in state.history
+    ]
+
+
+def run_search(
+    config: SearchExperimentConfig,
+    base_dir: Path | None = None,
+    resume: bool = False,
+    stop_after_steps: int | None = None,
+    retrain_budgets: Sequence[float] | None = None,
+    retrain_workers: int = 1,
+) -> dict[str, Any]:
+    """Runs (or resumes) the search, every restart's steps in turn, and the final retraining; returns the summary
+    written to search.json.
+
+    ``stop_after_steps`` ends the process-local run after that many completed steps (used to test resuming).
+    ``retrain_budgets`` (with ``resume``, on a finished search) chooses only those budgets' plans in this process, so
+    that separate processes retrain one search's budgets in parallel; the process that completes the last plan
+    writes the report and search.json, the others return ``{"finished": False, "pending_budgets": [...]}``.
+    ``retrain_workers`` > 1 retrains this process's budgets in that many worker processes at once, each with an
+    equal share of this process's threads (the steps are sequential, the budgets' retrainings are not).
+    """
+    search = config.search
+    if retrain_workers < 1:
+        raise ValueError(f"retrain_workers must be >= 1, got {retrain_workers}")
+    if retrain_budgets is not None:
+        unknown = sorted(set(retrain_budgets) - set(search.budgets))
+        if unknown or not resume:
+            raise ValueError(f"retrain_budgets must be budgets of the search {list(search.budgets)} and needs "
+                             f"resume=True, got {list(retrain_budgets)} (unknown: {unknown}), resume={resume}")
+    out = Path(config.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    dataset = load_dataset(config.data, base_dir)
+    reference = train_reference(config, dataset, Path(config.reference_dir or out / "reference"))
+    env = SizeEnvironment(dataset, config.model, config.train, search.environment, reference)
+    full = env.full_size_quality()
+
+    total = search.episodes * search.steps_per_episode
+    states, steps_this_run = [], 0
+    for restart in range(search.restarts):
+        may_run = 0 if retrain_budgets is not None else None if stop_after_steps is None else (
+            stop_after_steps - steps_this_run)
+        state, ran = run_steps(restart_config(config, restart), dataset, env, full, resume, may_run)
+        states.append(state)
+        steps_this_run += ran
+        if retrain_budgets is not None and state.step < total:
+            raise ValueError(f"retrain_budgets needs a finished search; {restart_dir(out, restart)} has "
+                             f"{state.step} of {total} steps")
+        if state.step < total:
+            return {"completed_steps": sum(s.step for s in states), "finished": False}
+    record = states[0].record if len(states) == 1 else ConfigurationRecord.pooled([s.record for s in states])
+    history = states[0].history if len(states) == 1 else restarts_history(states, search.episodes, total)
+    search_seconds = sum(s.seconds for s in states)
 
     # each plan is saved when chosen, so a resumed run skips finished budgets
     plans = {c: finished_plan(*budget_dirs(out, c), config, dataset) if resume else None for c in search.budgets}
     mine = [c for c, plan in plans.items() if plan is None and (retrain_budgets is None or c in retrain_budgets)]
     if retrain_workers > 1 and len(mine) > 1:
-        retrain_in_workers(config, base_dir, dataset, state.record, mine, retrain_workers)
+        retrain_in_workers(config, base_dir, dataset, record, mine, retrain_workers)
     else:
         for c in mine:
-            plans[c] = retrain_budget(config, dataset, state.record, c)
+            plans[c] = retrain_budget(config, dataset, record, c)
     for c in search.budgets:  # workers, or other processes, may have finished budgets meanwhile
         plans[c] = plans[c] or finished_plan(*budget_dirs(out, c), config, dataset)
     pending = [c for c, plan in plans.items() if plan is None]
     if pending:
-        return {"finished": False, "completed_steps": state.step, "pending_budgets": pending}
-    write_report(out / "report", state.history, plans, popularity)
+        return {"finished": False, "completed_steps": sum(s.step for s in states), "pending_budgets": pending}
+    popularity = {"user": dataset.user_popularity(), "item": dataset.item_popularity()}
+    write_report(out / "report", history, plans, popularity)
     retrain_seconds = sum(p.metrics["selection"].get("retrain_seconds", float("nan")) for p in plans.values())
     summary = {
         "finished": True,
-        "completed_steps": state.step,
-        "search_seconds": known(state.seconds),  # the steps, over all runs of this search
+        "completed_steps": sum(s.step for s in states),  # over every restart
+        "search_seconds": known(search_seconds),  # the steps, over all runs and restarts of this search
         "retrain_seconds": known(retrain_seconds),  # choosing every budget's plan, over all runs
-        "total_seconds": known(state.seconds + retrain_seconds),  # the two above (the cached reference not included)
+        "total_seconds": known(search_seconds + retrain_seconds),  # the two above (the cached reference not included)
         "process_seconds": time.perf_counter() - started,  # this process only (a resumed run does part of the work)
+        **({"restarts": [{"seed": search.seed + r, "completed_steps": s.step, "search_seconds": known(s.seconds)}
+                         for r, s in enumerate(states)]} if len(states) > 1 else {}),
         "plans": {
             f"{c:.2f}": {
                 "path": str(budget_dirs(out, c)[0]),

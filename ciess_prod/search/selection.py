@@ -23,7 +23,7 @@ from ciess_prod.models import SIDES, Recommender, build_model, sparsity
 from ciess_prod.search.candidates import CandidateFit, CandidateFits, fit_key
 from ciess_prod.search.config import SearchExperimentConfig
 from ciess_prod.search.plan import MANIFEST_NAME, DimensionPlan, fill_to_budget, repair_to_budget
-from ciess_prod.search.record import ConfigurationRecord, Visited
+from ciess_prod.search.record import ConfigurationRecord, Visited, leading_per_restart
 from ciess_prod.train.checkpoint import save_checkpoint
 from ciess_prod.train.protocol import fit_on_train, score_with_protocol
 
@@ -237,9 +237,10 @@ def budget_candidates(
     if search.probe_top:
         if probes is None:
             raise ValueError("search.probe_top ranks the candidates by their probes: pass the probe store")
+        pool = leading_per_restart(visited, search.probe_top)  # probe_pool's, before it is prepared
         scores = [probe_score(probes, v) for v in probe_pool(config, record, c)]
         order = sorted(range(len(scores)), key=lambda i: -scores[i])  # stable: ties keep the order by mean q
-        visited = [visited[i] for i in order]
+        visited = [pool[i] for i in order]
     return [prepared(config, v, c) for v in visited[: search.top_l]], False
 
 
@@ -254,13 +255,13 @@ def prepared(config: SearchExperimentConfig, visited: Visited, c: float) -> Visi
 
 
 def probe_pool(config: SearchExperimentConfig, record: ConfigurationRecord, c: float) -> list[Visited]:
-    """The configurations ``probe_top`` retrains briefly to rank budget c's candidates: the best ``probe_top`` by
-    mean q of the budget they come from, prepared for that budget. Under ``candidates_from: loosest`` every budget
-    shares the loosest budget's pool, so its probes run once. Empty without ``probe_top``."""
+    """The configurations ``probe_top`` retrains briefly to rank budget c's candidates: each restart's best
+    ``probe_top`` by mean q of the budget they come from, prepared for that budget. Under ``candidates_from:
+    loosest`` every budget shares the loosest budget's pool, so its probes run once. Empty without ``probe_top``."""
     if not config.search.probe_top:
         return []
     source = source_budget(config, c)
-    return [prepared(config, v, source) for v in record.best[source][: config.search.probe_top]]
+    return [prepared(config, v, source) for v in leading_per_restart(record.best[source], config.search.probe_top)]
 
 
 def source_budget(config: SearchExperimentConfig, c: float) -> float:
@@ -320,13 +321,13 @@ def choose_plan(
     """
     d_max = config.model.d_max
     probes = probe_fits(config, dataset, Path(config.output_dir))
-    probe_seconds, probe_recall = 0.0, {}  # step -> the probe's validation recall@20
+    probe_seconds, probe_recall = 0.0, {}  # (restart, step) -> the probe's validation recall@20
     for visited in probe_pool(config, record, c):  # each probe once; another budget, run or worker may have run it
         probe = probes.get(visited.sizes) or fit_candidate(probe_config(config), dataset, visited.sizes, probes)[1]
         probe_seconds += probe.seconds
-        probe_recall[visited.step] = probe.val["recall@20"]
-        log.info("budget %.2f: probe of step %d (mean q %.4f): val recall@20 %.4f after %d batches", c, visited.step,
-                 visited.mean_q, probe.val["recall@20"], probe.best_batches)
+        probe_recall[visited.restart, visited.step] = probe.val["recall@20"]
+        log.info("budget %.2f: probe of restart %d step %d (mean q %.4f): val recall@20 %.4f after %d batches", c,
+                 visited.restart, visited.step, visited.mean_q, probe.val["recall@20"], probe.best_batches)
     candidates, repaired = budget_candidates(config, record, c, probes)
     # `final` retrains the chosen sizes on train+validation, so a fit known from its outcome serves as well as one
     # in memory; `train_only` tests the fitted weights, so it always retrains.
@@ -339,11 +340,14 @@ def choose_plan(
         else:
             reused += 1
         fit_seconds += fit.seconds
-        log.info("budget %.2f: candidate from step %d%s val %s", c, candidate.step,
+        log.info("budget %.2f: candidate from restart %d step %d%s val %s", c, candidate.restart, candidate.step,
                  " (retrained before)" if fitted is None else "", fit.val)
         if best is None or fit.val["recall@20"] > best[1].val["recall@20"]:
             best = (candidate, fit, fitted)
     candidate, fit, fitted = best
+    found_by = {"restart": candidate.restart} if config.search.restarts > 1 else {}
+    key = (candidate.restart, candidate.step)
+    probed = {"probe_recall@20": probe_recall[key]} if key in probe_recall else {}
     started = time.perf_counter()
     model, _, test = score_with_protocol(
         dataset, sized_model(config, candidate.sizes), config.train, config.protocol, fitted, fit.best_batches
@@ -359,17 +363,18 @@ def choose_plan(
             "val": fit.val,
             "test": test,
             "selection": {
+                **found_by,
                 "step": candidate.step,
                 **known_mean_q(candidate.mean_q),
                 "best_batches": fit.best_batches,
                 "reused_fits": reused,  # candidates whose retraining another budget, run or worker had already done
-                **({"probe_recall@20": probe_recall[candidate.step]} if candidate.step in probe_recall else {}),
+                **probed,
                 # its probes' and candidates' fits (as timed when they ran, whoever ran them; a fit two budgets share
                 # counts in both) plus the test protocol: a sum of work, not the wall time of parallel workers
                 "retrain_seconds": probe_seconds + fit_seconds + test_seconds,
             },
         },
-        seed=config.search.seed,
+        seed=config.search.seed + candidate.restart,  # the seed of the search that visited it
         config=to_dict(config),
         repaired=repaired,
     )
