@@ -71,9 +71,9 @@ SIZE_METHODS = ("es", "mr", "freq", "ciess", "ciess_no_walk", "ciess_fill", "cie
 
 def method_label(r: dict) -> str:
     """The method, with its lambda, TD3 discount, item quality signal, random warm-up, reference basis, probe ranking,
-    lambda control, its proportional gain, L2 weight and seed where a run used other than the defaults
+    lambda control, its proportional gain, L2 weight, seed and restarts where a run used other than the defaults
     (``--size-penalty``, ``--gamma``, ``--item-quality``, ``--random-steps``, ``--reference-basis``, ``--probe-top``,
-    ``--penalty-control``, ``--penalty-gain``, ``--l2``, ``--seed``, or a config setting them)."""
+    ``--penalty-control``, ``--penalty-gain``, ``--l2``, ``--seed``, ``--restarts``, or a config setting them)."""
     label = r["method"]
     if r.get("size_penalty") not in (None, DEFAULT_SIZE_PENALTY):
         label += f" λ={r['size_penalty']:g}"
@@ -95,6 +95,8 @@ def method_label(r: dict) -> str:
         label += f" L2={r['l2']:g}"
     if r.get("seed"):  # another training (es) or search (ciess) seed: a measure of seed-to-seed spread
         label += f" seed={r['seed']}"
+    if r.get("restarts", 1) > 1:  # the best of several searches (seeds seed ..), chosen by their probes
+        label += f" restarts={r['restarts']}"
     return label
 
 

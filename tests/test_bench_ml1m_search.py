@@ -180,6 +180,8 @@ def test_compare_table_takes_the_latest_epoch_row_per_method_and_budget(monkeypa
     assert summarize.method_label({**damped, "penalty_gain": 0.0}) == "ciess λ:signed seed=2"
     assert summarize.method_label({**damped, "l2": 1e-3}) == "ciess λ:signed Kp=1.5 L2=0.001 seed=2"
     assert summarize.method_label({**damped, "l2": summarize.DEFAULT_L2}) == summarize.method_label(damped)
+    assert summarize.method_label({**damped, "restarts": 3}) == "ciess λ:signed Kp=1.5 seed=2 restarts=3"
+    assert summarize.method_label({**damped, "restarts": 1}) == summarize.method_label(damped)
 
 
 def test_search_diagnosis_reads_a_finished_search(tmp_path, one_torch_thread):

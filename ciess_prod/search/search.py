@@ -341,8 +341,10 @@ def run_search(
     total = search.episodes * search.steps_per_episode
     states, steps_this_run = [], 0
     for restart in range(search.restarts):
-        may_run = 0 if retrain_budgets is not None else None if stop_after_steps is None else (
-            stop_after_steps - steps_this_run)
+        if retrain_budgets is not None:
+            may_run = 0  # only load the state: retraining needs finished steps
+        else:
+            may_run = None if stop_after_steps is None else stop_after_steps - steps_this_run
         state, ran = run_steps(restart_config(config, restart), dataset, env, full, resume, may_run)
         states.append(state)
         steps_this_run += ran
