@@ -193,3 +193,24 @@ def test_the_sparse_product_and_its_gradient_match_the_dense_ones(index_dtype):
     propagate(adjacency, y).sum().backward()
     whole = torch.from_numpy(adjacency.toarray())
     torch.testing.assert_close(y.grad, whole.T @ torch.ones(adjacency.shape[0], D))
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_gradients_repeat_bit_for_bit_on_two_threads(kind):
+    """One batch's gradients are the same in every run: a search amplifies the last bit of a step's training, so a
+    scatter whose accumulation order varies between threads (advanced-index backward) would make it unrepeatable."""
+    model, batch = _model(kind), _batch(3, size=20000)
+    model.train()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        grads = []
+        for _ in range(4):
+            model.zero_grad(set_to_none=True)
+            torch.manual_seed(0)  # NGCF's dropout draws the same masks
+            out = model(batch)
+            (torch.nn.functional.softplus(out.neg_scores - out.pos_scores).mean() + 1e-4 * out.l2).backward()
+            grads.append([p.grad.clone() for p in model.parameters() if p.grad is not None])
+    finally:
+        torch.set_num_threads(threads)
+    assert all(torch.equal(a, b) for later in grads[1:] for a, b in zip(grads[0], later, strict=True))
