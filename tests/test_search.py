@@ -699,6 +699,9 @@ def test_restarts_pool_their_records_and_probe_each_restarts_best(tmp_path):
     pooled = ConfigurationRecord.pooled([first, second])
     assert [(v.restart, v.step) for v in pooled.best[0.5]] == [(1, 0), (0, 0), (0, 1), (1, 1)]
     assert (pooled.sparsest.restart, pooled.sparsest.step) == (1, 1) and pooled.keep == 4
+    alone = ConfigurationRecord.pooled([first])  # what a search without restarts selects from: its own record
+    assert alone.keep == first.keep and alone.sparsest == first.sparsest
+    assert [(v.restart, v.step) for v in alone.best[0.5]] == [(0, v.step) for v in first.best[0.5]]
     assert [(v.restart, v.step) for v in leading_per_restart(pooled.best[0.5], 1)] == [(1, 0), (0, 0)]
     reloaded = ConfigurationRecord((0.5,), keep=4)
     reloaded.load_state_dict(pooled.state_dict())

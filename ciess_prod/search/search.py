@@ -199,16 +199,15 @@ def run_steps(
     dataset: RecDataset,
     env: SizeEnvironment,
     full: Quality,
+    pop_state: dict[str, torch.Tensor],
     resume: bool,
     max_steps: int | None,
 ) -> tuple[SearchState, int]:
     """Runs (or resumes) one search's steps, at most ``max_steps`` of them in this call (0: only load the saved
-    state); returns the state and the steps this call ran."""
+    state); returns the state and the steps this call ran. ``pop_state``: each side's normalised popularity."""
     search, d_max = config.search, config.model.d_max
     out = Path(config.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    popularity = {"user": dataset.user_popularity(), "item": dataset.item_popularity()}
-    pop_state = {s: normalise_popularity(popularity[s]) for s in SIDES}
     n_rows = {"user": dataset.n_users, "item": dataset.n_items}
     state = SearchState(
         step=0,
@@ -337,6 +336,8 @@ def run_search(
     reference = train_reference(config, dataset, Path(config.reference_dir or out / "reference"))
     env = SizeEnvironment(dataset, config.model, config.train, search.environment, reference)
     full = env.full_size_quality()
+    popularity = {"user": dataset.user_popularity(), "item": dataset.item_popularity()}
+    pop_state = {s: normalise_popularity(popularity[s]) for s in SIDES}
 
     total = search.episodes * search.steps_per_episode
     states, steps_this_run = [], 0
@@ -345,7 +346,7 @@ def run_search(
             may_run = 0  # only load the state: retraining needs finished steps
         else:
             may_run = None if stop_after_steps is None else stop_after_steps - steps_this_run
-        state, ran = run_steps(restart_config(config, restart), dataset, env, full, resume, may_run)
+        state, ran = run_steps(restart_config(config, restart), dataset, env, full, pop_state, resume, may_run)
         states.append(state)
         steps_this_run += ran
         if retrain_budgets is not None and state.step < total:
@@ -353,9 +354,9 @@ def run_search(
                              f"{state.step} of {total} steps")
         if state.step < total:
             return {"completed_steps": sum(s.step for s in states), "finished": False}
-    record = states[0].record if len(states) == 1 else ConfigurationRecord.pooled([s.record for s in states])
+    record = ConfigurationRecord.pooled([s.record for s in states])  # one restart: its own record
     history = states[0].history if len(states) == 1 else restarts_history(states, search.episodes, total)
-    search_seconds = sum(s.seconds for s in states)
+    search_seconds, completed_steps = sum(s.seconds for s in states), sum(s.step for s in states)
 
     # each plan is saved when chosen, so a resumed run skips finished budgets
     plans = {c: finished_plan(*budget_dirs(out, c), config, dataset) if resume else None for c in search.budgets}
@@ -369,13 +370,12 @@ def run_search(
         plans[c] = plans[c] or finished_plan(*budget_dirs(out, c), config, dataset)
     pending = [c for c, plan in plans.items() if plan is None]
     if pending:
-        return {"finished": False, "completed_steps": sum(s.step for s in states), "pending_budgets": pending}
-    popularity = {"user": dataset.user_popularity(), "item": dataset.item_popularity()}
+        return {"finished": False, "completed_steps": completed_steps, "pending_budgets": pending}
     write_report(out / "report", history, plans, popularity)
     retrain_seconds = sum(p.metrics["selection"].get("retrain_seconds", float("nan")) for p in plans.values())
     summary = {
         "finished": True,
-        "completed_steps": sum(s.step for s in states),  # over every restart
+        "completed_steps": completed_steps,  # over every restart
         "search_seconds": known(search_seconds),  # the steps, over all runs and restarts of this search
         "retrain_seconds": known(retrain_seconds),  # choosing every budget's plan, over all runs
         "total_seconds": known(search_seconds + retrain_seconds),  # the two above (the cached reference not included)
