@@ -6,12 +6,16 @@ training length is chosen on validation, then the model is retrained on train+va
 items excluded).
 
     python bench/ml1m_baselines.py --models lightgcn --methods es --sparsities 0.8 0.9 0.95
+    python bench/ml1m_baselines.py --models lightgcn --methods es --retrain-l2 1e-4 3e-4 1e-3 --retrain-patience 12 \
+        --retrain-max-batches 10000   # each weight fitted, the best on validation tested (rows: l2, retrain_*)
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import hashlib
+import json
 import logging
 import resource
 import subprocess
@@ -22,9 +26,10 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from ciess_prod.cli import non_negative_float  # noqa: E402
-from ciess_prod.config import load_yaml  # noqa: E402
+from ciess_prod.config import load_yaml, to_dict  # noqa: E402
 from ciess_prod.experiment import ExperimentConfig, SizeConfig, run_experiment  # noqa: E402
 from ciess_prod.io import append_jsonl  # noqa: E402
+from ciess_prod.train.protocol import RetrainConfig  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results" / "ml1m.jsonl"
 # Paper, MovieLens-1M, ES rows (Recall@20, NDCG@20), for the ratio column.
@@ -52,6 +57,33 @@ def l2_suffix(l2: float, default: float) -> str:
     return "" if l2 == default else f"-l2{l2:g}"
 
 
+def add_retrain_arguments(parser: argparse.ArgumentParser) -> None:
+    """The flags that override a config's ``retrain`` (the searches' bench takes them too)."""
+    parser.add_argument("--retrain-l2", nargs="+", type=non_negative_float, metavar="W",
+                        help="fit at each of these L2 weights and test the best on validation (retrain.l2); the "
+                             "rows record the weight tested as l2 and the weights tried as retrain_l2")
+    parser.add_argument("--retrain-max-batches", type=int, metavar="N", help="cap of each fit (retrain.max_batches)")
+    parser.add_argument("--retrain-patience", type=int, metavar="N", help="early-stopping patience (retrain.patience)")
+
+
+def with_retrain_arguments(retrain: RetrainConfig, args: argparse.Namespace) -> RetrainConfig:
+    """``retrain`` with the ``add_retrain_arguments`` flags given applied."""
+    given = {"l2": tuple(args.retrain_l2) if args.retrain_l2 else None, "max_batches": args.retrain_max_batches,
+             "patience": args.retrain_patience}
+    return dataclasses.replace(retrain, **{k: v for k, v in given.items() if v is not None})
+
+
+def retrain_fields(retrain: RetrainConfig) -> dict:
+    """A row's record of a retraining that departs from the training recipe (``retrain_l2``, ...; none if not)."""
+    return {f"retrain_{k}": v for k, v in to_dict(retrain).items() if v not in (None, [], ())}
+
+
+def retrain_suffix(retrain: RetrainConfig) -> str:
+    """The output directory suffix of runs whose fits depart from the training recipe."""
+    fields = retrain_fields(retrain)
+    return f"-retrain{hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:8]}" if fields else ""
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", nargs="+", default=["lightgcn", "ngcf", "neumf"])
@@ -61,7 +93,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--l2", type=non_negative_float, metavar="W",
                         help="this L2 weight instead of each config's train.l2 (the rows record it as l2)")
+    add_retrain_arguments(parser)
     args = parser.parse_args(argv)
+    try:  # the flags alone, before any work (each model's config may add to them)
+        with_retrain_arguments(RetrainConfig(), args)
+    except ValueError as error:
+        parser.error(str(error))
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", force=True)
 
     sha = git_sha()  # now, not after hours of training while the tree moves on
@@ -69,7 +106,8 @@ def main(argv: list[str] | None = None) -> int:
     for model in args.models:
         base = load_yaml(ExperimentConfig, ROOT / "configs" / f"ml1m-{model}.yaml")
         l2 = base.train.l2 if args.l2 is None else args.l2
-        suffix = l2_suffix(l2, base.train.l2)
+        retrain = with_retrain_arguments(base.retrain, args)
+        suffix = l2_suffix(l2, base.train.l2) + retrain_suffix(retrain)
         runs = [SizeConfig("full", 0.0)] if "full" in args.methods else []
         runs += [SizeConfig("es", c) for c in args.sparsities] if "es" in args.methods else []
         for sizes in runs:
@@ -77,6 +115,7 @@ def main(argv: list[str] | None = None) -> int:
                 base,
                 sizes=sizes,
                 train=dataclasses.replace(base.train, seed=args.seed, progress=False, l2=l2),
+                retrain=retrain,
                 output_dir=str(ROOT / "runs" / "bench" / f"ml1m-{model}-{sizes.method}-{sizes.sparsity}{suffix}"),
             )
             metrics = run_experiment(config, base_dir=ROOT)
@@ -99,7 +138,8 @@ def main(argv: list[str] | None = None) -> int:
                 "best_batches": metrics["best_batches"],
                 "final_length": metrics["final_length"],
                 "retrain_batches": metrics["retrain_batches"],
-                "l2": l2,
+                "l2": metrics["l2"],
+                **retrain_fields(retrain),
                 "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
             }
             append_jsonl(args.results, row)

@@ -11,7 +11,10 @@ their own steps, so that one process times a whole search. `--size-penalty`, `--
 lambda control, lambda's proportional gain or search seed (rows record them as `size_penalty`, `gamma`,
 `item_quality`, `random_steps`, `reference_basis`, `probe_top`, `penalty_control`, `penalty_gain` and `seed`; and the
 config's `fill_budget` and `candidates_from`). `--restarts K` runs K searches at successive seeds and chooses every
-budget's plan from all of them (rows record `restarts` and the chosen plan's `chosen_seed`). Every row is tested
+budget's plan from all of them (rows record `restarts` and the chosen plan's `chosen_seed`). `--retrain-l2 W ..`,
+`--retrain-max-batches` and `--retrain-patience` (or the config's `retrain`) fit every candidate, `mr` and `freq` at
+each L2 weight and test the best on validation, in <output_dir>-retrain<hash> (rows record the weight tested as `l2`,
+the settings as `retrain_l2`, `retrain_max_batches`, `retrain_patience`). Every row is tested
 under the same protocol as the `es` rows (configs/ml1m-search.yaml: `final`). Takes an hour or more on 2 cores: run
 it in the background with a log.
 
@@ -35,7 +38,15 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.ml1m_baselines import git_sha, l2_suffix, print_row  # noqa: E402
+from bench.ml1m_baselines import (  # noqa: E402
+    add_retrain_arguments,
+    git_sha,
+    l2_suffix,
+    print_row,
+    retrain_fields,
+    retrain_suffix,
+    with_retrain_arguments,
+)
 from ciess_prod.cli import non_negative_float, positive_int  # noqa: E402
 from ciess_prod.config import load_yaml  # noqa: E402
 from ciess_prod.data import load_dataset  # noqa: E402
@@ -81,7 +92,8 @@ def row(config: SearchExperimentConfig, method: str, c: float, sizes: dict, test
         "git_sha": GIT_SHA,
         "protocol": config.protocol,
         "final_length": config.train.final_length,
-        "l2": config.train.l2,
+        "l2": config.train.l2,  # or, where retrain tries several, the weight tested (in extra)
+        **retrain_fields(config.retrain),
         "peak_rss_mb": peak_rss_mb(),
         **extra,
     }
@@ -230,10 +242,17 @@ def main(argv: list[str] | None = None) -> int:
                         help="searches: K searches at seeds seed .. seed + K - 1, every budget's plan chosen from all "
                              "of them, in <output_dir>-restarts<K> (rows record it as restarts, and the chosen "
                              "plan's seed as chosen_seed)")
+    add_retrain_arguments(parser)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", force=True)
     base = load_yaml(SearchExperimentConfig, args.config)
     base = with_l2(base, args.l2)
+    try:
+        retrain = with_retrain_arguments(base.retrain, args)
+    except ValueError as error:
+        parser.error(str(error))
+    if retrain != base.retrain:
+        base = dataclasses.replace(base, retrain=retrain, output_dir=base.output_dir + retrain_suffix(retrain))
     if args.size_penalty is not None and not args.size_penalty >= 0:
         parser.error(f"--size-penalty must be a number >= 0, got {args.size_penalty}")
     if args.gamma is not None and not 0 <= args.gamma <= 1:
@@ -267,6 +286,7 @@ def main(argv: list[str] | None = None) -> int:
             for c in config.search.budgets:
                 plan = DimensionPlan.load(budget_dirs(Path(config.output_dir), c)[0])
                 record = row(config, method, c, plan.sizes, plan.metrics["test"], summary["total_seconds"],
+                             l2=plan.metrics["selection"].get("l2", config.train.l2),
                              search_seconds=seconds(summary["search_seconds"]),
                              retrain_seconds=seconds(summary["retrain_seconds"]), repaired=plan.repaired,
                              size_penalty=config.search.size_penalty, gamma=config.search.td3.gamma,
@@ -296,8 +316,8 @@ def main(argv: list[str] | None = None) -> int:
                     model.set_row_sizes(side, sizes[side])
                 return model
 
-            outcome = train_and_test(dataset, make, base.train, base.protocol)
-            record = row(base, method, c, sizes, outcome.test, time.perf_counter() - start)
+            outcome = train_and_test(dataset, make, base.train, base.protocol, base.retrain)
+            record = row(base, method, c, sizes, outcome.test, time.perf_counter() - start, l2=outcome.train.l2)
             append_jsonl(args.results, record)
             print_row(record)
     return 0

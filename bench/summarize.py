@@ -73,7 +73,8 @@ def method_label(r: dict) -> str:
     """The method, with its lambda, TD3 discount, item quality signal, random warm-up, reference basis, probe ranking,
     lambda control, its proportional gain, L2 weight, seed and restarts where a run used other than the defaults
     (``--size-penalty``, ``--gamma``, ``--item-quality``, ``--random-steps``, ``--reference-basis``, ``--probe-top``,
-    ``--penalty-control``, ``--penalty-gain``, ``--l2``, ``--seed``, ``--restarts``, or a config setting them)."""
+    ``--penalty-control``, ``--penalty-gain``, ``--l2`` or ``--retrain-*``, ``--seed``, ``--restarts``, or a config
+    setting them)."""
     label = r["method"]
     if r.get("size_penalty") not in (None, DEFAULT_SIZE_PENALTY):
         label += f" λ={r['size_penalty']:g}"
@@ -91,8 +92,14 @@ def method_label(r: dict) -> str:
         label += f" λ:{r['penalty_control']}"
     if r.get("penalty_gain"):
         label += f" Kp={r['penalty_gain']:g}"
-    if r.get("l2") not in (None, DEFAULT_L2):  # another training recipe: its rows compare only with each other
+    if r.get("retrain_l2"):  # the L2 weight chosen per row on validation among these: the label names the grid
+        label += " L2∈{" + ",".join(f"{w:g}" for w in r["retrain_l2"]) + "}"
+    elif r.get("l2") not in (None, DEFAULT_L2):  # another training recipe: its rows compare only with each other
         label += f" L2={r['l2']:g}"
+    if r.get("retrain_patience"):  # fits stopped later (or sooner) than the recipe's
+        label += f" patience={r['retrain_patience']}"
+    if r.get("retrain_max_batches"):
+        label += f" cap={r['retrain_max_batches']}"
     if r.get("seed"):  # another training (es) or search (ciess) seed: a measure of seed-to-seed spread
         label += f" seed={r['seed']}"
     if r.get("restarts", 1) > 1:  # the best of several searches (seeds seed ..), chosen by their probes

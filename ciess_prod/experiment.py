@@ -20,7 +20,7 @@ from ciess_prod.data import DataConfig, RecDataset, load_dataset
 from ciess_prod.io import write_json_atomic
 from ciess_prod.models import ModelConfig, Recommender, build_model, model_memory, uniform_sizes
 from ciess_prod.train.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from ciess_prod.train.protocol import Protocol, retrain_batches, split_metrics, train_and_test
+from ciess_prod.train.protocol import Protocol, RetrainConfig, retrain_batches, split_metrics, train_and_test
 from ciess_prod.train.trainer import TrainConfig
 
 log = logging.getLogger(__name__)
@@ -47,6 +47,7 @@ class ExperimentConfig:
     # train_only: early-stop on validation, test that model; final: then retrain on train+validation for the
     # chosen length and test with train+validation items excluded (the CIESS authors' reported protocol)
     protocol: Protocol = "train_only"
+    retrain: RetrainConfig = field(default_factory=RetrainConfig)  # L2 weights and length the fit tries
     output_dir: str = "runs/default"  # checkpoint/ and metrics.json go here
 
 
@@ -66,7 +67,7 @@ def run_experiment(config: ExperimentConfig, base_dir: Path | None = None) -> di
     dataset = load_dataset(config.data, base_dir)
     log.info("dataset %s: %s", dataset.name, dataset.summary())
 
-    outcome = train_and_test(dataset, lambda d: sized_model(config, d), config.train, config.protocol)
+    outcome = train_and_test(dataset, lambda d: sized_model(config, d), config.train, config.protocol, config.retrain)
     model, result, val, test = outcome.model, outcome.fit, outcome.val, outcome.test
     memory = model_memory(model)
     metrics = {
@@ -82,8 +83,9 @@ def run_experiment(config: ExperimentConfig, base_dir: Path | None = None) -> di
         "best_batches": result.best_batches,
         "batches_trained": result.batches,
         "final_length": config.train.final_length,
+        "l2": outcome.train.l2,  # the weight tested: train.l2, or the best on validation of retrain.l2
         "retrain_batches": (
-            retrain_batches(config.train, dataset, outcome.test_dataset, result.best_batches)
+            retrain_batches(outcome.train, dataset, outcome.test_dataset, result.best_batches)
             if config.protocol == "final"
             else None
         ),

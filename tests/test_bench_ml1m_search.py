@@ -277,6 +277,42 @@ def test_the_bench_retrains_budgets_in_workers_and_records_it(tmp_path, one_torc
         assert 0 < r["retrain_seconds"] and 0 < r["process_seconds"]
 
 
+def test_the_bench_retrains_at_several_l2_weights_and_records_the_one_tested(tmp_path, one_torch_thread):
+    """--retrain-l2: the searches' candidates and mr/freq are fitted at each weight, the best on validation tested;
+    rows record that weight as l2 and the grid as retrain_l2, and get a column of their own."""
+    from bench.ml1m_search import main
+
+    config = dataclasses.replace(TINY, output_dir=str(tmp_path / "run"))
+    path = tmp_path / "search.yaml"
+    path.write_text(yaml.safe_dump(to_dict(config)))
+    results = tmp_path / "ml1m.jsonl"
+    assert main(["--config", str(path), "--methods", "ciess", "mr", "--results", str(results), "--retrain-l2", "5",
+                 "1e-4", "--retrain-patience", "2"]) == 0
+    rows = [json.loads(line) for line in results.read_text().splitlines()]
+    assert [r["method"] for r in rows] == ["ciess"] * 3 + ["mr"] * 3
+    (out,) = tmp_path.glob("run-retrain*")  # not the config's output_dir: its plans would be replaced
+    for r in rows:
+        assert r["l2"] == 1e-4 and r["retrain_l2"] == [5.0, 1e-4] and r["retrain_patience"] == 2
+        assert "retrain_max_batches" not in r  # the recipe's cap
+        assert summarize.method_label(r) == f"{r['method']} L2∈{{5,0.0001}} patience=2"
+    for r in rows[:3]:
+        plan = DimensionPlan.load(out / "plans" / f"c{r['target_sparsity']:.2f}")
+        assert plan.metrics["selection"]["l2"] == r["l2"] and r["recall@20"] == plan.metrics["test"]["recall@20"]
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--retrain-l2", "-1"], "expected a number >= 0, got '-1'"),
+    (["--retrain-l2", "1e-3", "1e-3"], "retrain.l2 must be distinct weights >= 0"),
+    (["--retrain-patience", "0"], "retrain.patience must be >= 1"),
+    (["--retrain-max-batches", "0"], "retrain.max_batches must be >= 1"),
+])
+def test_bad_retrain_flags_are_refused_before_any_work(flags, message, capsys):
+    for script in (ml1m_baselines, ml1m_search):
+        with pytest.raises(SystemExit) as exit_info:
+            script.main(flags)
+        assert exit_info.value.code == 2 and message in capsys.readouterr().err
+
+
 def test_own_size_response_buckets_each_rows_quality_by_its_own_size():
     from bench.own_size_response import side_response
 

@@ -71,6 +71,26 @@ def test_final_protocol_retrains_on_train_and_validation(tmp_path):
         evaluate_checkpoint(checkpoint, "val")
 
 
+def test_final_protocol_tests_the_l2_weight_best_on_validation(tmp_path):
+    """retrain.l2: one early-stopped fit per weight (at retrain's cap and patience); the best on validation is the
+    one retrained and tested, whatever its place in the list."""
+    from ciess_prod.experiment import sized_model
+    from ciess_prod.train.protocol import RetrainConfig, fit_on_train
+
+    retrain = RetrainConfig(l2=(30.0, 0.0), max_batches=100, patience=1)
+    recipes = retrain.recipes(FAST_TRAIN)
+    assert [(r.l2, r.max_batches, r.patience) for r in recipes] == [(30.0, 100, 1), (0.0, 100, 1)]
+    assert RetrainConfig().recipes(FAST_TRAIN) == [FAST_TRAIN]  # no departure: the recipe itself
+    config = _config(tmp_path, protocol="final", retrain=retrain)
+    metrics = run_experiment(config)
+    dataset = load_dataset(config.data)
+    val = {r.l2: fit_on_train(dataset, lambda d: sized_model(config, d), r)[2]["recall@20"] for r in recipes}
+    assert val[0.0] > val[30.0] and metrics["l2"] == 0.0  # the weight that crushes the embeddings loses
+    assert metrics["val"]["recall@20"] == pytest.approx(val[0.0], abs=1e-12)
+    assert evaluate_checkpoint(Path(config.output_dir) / "checkpoint", "test") == pytest.approx(metrics["test"],
+                                                                                               abs=1e-9)
+
+
 def test_checkpoint_tampering_and_data_changes_are_refused(tmp_path):
     config = _config(tmp_path)
     run_experiment(config)
@@ -123,6 +143,9 @@ def test_cli_search_points_sharded_configs_to_torchrun(tmp_path, capsys):
         ({"data": {"source": "ml-1m"}}, "data.path is required"),
         ({"data": {"split": {"train": 0.9, "val": 0.3, "test": 0.3}}}, "data.split"),
         ({"protocol": "whatever"}, "protocol"),
+        ({"retrain": {"l2": [0.001, 0.001]}}, "retrain.l2 must be distinct weights >= 0"),
+        ({"retrain": {"l2": [-1.0]}}, "retrain.l2 must be distinct weights >= 0"),
+        ({"retrain": {"patience": 0}}, "retrain.patience must be >= 1"),
     ],
 )
 def test_config_validation_names_the_problem(data, message):

@@ -165,7 +165,7 @@ def test_resume_after_the_search_reuses_chosen_plans(tmp_path, finished_search, 
     chosen = []
     real_choose = selection.choose_plan
     monkeypatch.setattr(
-        selection, "choose_plan", lambda cfg, d, rec, c, fits: chosen.append(c) or real_choose(cfg, d, rec, c, fits)
+        selection, "choose_plan", lambda cfg, d, rec, c: chosen.append(c) or real_choose(cfg, d, rec, c)
     )
     run_search(copy, resume=True)
     assert chosen == list(config.search.budgets)  # the copied plans name the other output_dir: not this search's
@@ -528,6 +528,43 @@ def _steps_of(finished: SearchExperimentConfig, out: Path, **changes) -> SearchE
     return dataclasses.replace(finished, output_dir=str(out), **changes)
 
 
+def test_retrain_fits_each_candidate_at_each_l2_weight_and_tests_the_best(tmp_path, finished_search):
+    """`retrain.l2`: every candidate is fitted at each weight (in one process or in workers, each fit its own unit);
+    the (candidate, weight) best on validation is tested, and its model saved with that recipe. A finished search
+    resumes into another retraining without redoing its steps."""
+    from ciess_prod.search import selection
+    from ciess_prod.train.protocol import RetrainConfig
+
+    config, _ = finished_search
+    retrain = RetrainConfig(l2=(5.0, 1e-4), max_batches=60, patience=2)
+    grid = _steps_of(config, tmp_path / "grid", retrain=retrain)
+    summary = run_search(grid, resume=True)
+    assert summary["finished"] and summary["completed_steps"] == 6  # the steps were read, not rerun
+    parallel = _steps_of(config, tmp_path / "grid-workers", retrain=retrain)
+    assert run_search(parallel, resume=True, retrain_workers=2)["finished"]
+    dataset = load_dataset(config.data, ROOT)
+    recipes = selection.fit_configs(grid)
+    assert [(v.train.l2, v.train.max_batches, v.train.patience) for v in recipes] == [(5.0, 60, 2), (1e-4, 60, 2)]
+    for c in config.search.budgets:
+        plan = DimensionPlan.load(Path(grid.output_dir) / "plans" / f"c{c:.2f}")
+        fits = {v.train.l2: selection.candidate_fits(v, dataset, Path(grid.output_dir)).get(plan.sizes)
+                for v in recipes}
+        assert all(f is not None for f in fits.values())  # the chosen candidate was fitted at both weights
+        best = max(fits, key=lambda w: fits[w].val["recall@20"])
+        assert best == 1e-4  # the second weight: 5.0 crushes the embeddings
+        assert plan.metrics["selection"]["l2"] == best and plan.metrics["val"] == fits[best].val
+        saved = json.loads((Path(grid.output_dir) / "models" / f"c{c:.2f}" / "checkpoint.json").read_text())
+        assert saved["config"]["train"]["l2"] == best and saved["config"]["train"]["patience"] == 2
+        other = DimensionPlan.load(Path(parallel.output_dir) / "plans" / f"c{c:.2f}")
+        assert all(torch.equal(plan.sizes[s], other.sizes[s]) for s in plan.sizes)
+        assert other.metrics["selection"]["l2"] == best
+        assert other.metrics["test"] == pytest.approx(plan.metrics["test"], abs=1e-9)
+    with pytest.raises(ValueError, match="retrain .* is not supported by the sharded search"):
+        from ciess_prod.distributed.recommender import ShardedSearchExperimentConfig
+
+        ShardedSearchExperimentConfig(retrain=retrain)
+
+
 def test_budgets_retrained_by_separate_processes(tmp_path, finished_search):
     """Two runs on one finished search, each retraining some budgets, give the plans one run gives."""
     config, _ = finished_search
@@ -660,9 +697,9 @@ def test_a_candidate_shared_by_two_budgets_is_retrained_once(tmp_path, monkeypat
     fits = []
     real_fit = selection.fit_on_train
     monkeypatch.setattr(selection, "fit_on_train", lambda *a, **k: fits.append(1) or real_fit(*a, **k))
-    store = selection.candidate_fits(config, dataset, tmp_path / "out")
-    first, _ = selection.choose_plan(config, dataset, record, 0.5, store)
-    second, _ = selection.choose_plan(config, dataset, record, 0.8, store)
+    config = dataclasses.replace(config, output_dir=str(tmp_path / "out"))
+    first, _, _ = selection.choose_plan(config, dataset, record, 0.5)
+    second, _, _ = selection.choose_plan(config, dataset, record, 0.8)
     assert len(fits) == (1 if protocol == "final" else 2)
     assert second.metrics["selection"]["reused_fits"] == (1 if protocol == "final" else 0)
     assert second.metrics["val"] == first.metrics["val"] and second.metrics["test"] == first.metrics["test"]
@@ -671,7 +708,7 @@ def test_a_candidate_shared_by_two_budgets_is_retrained_once(tmp_path, monkeypat
     # a damaged entry is reported and retrained, then rewritten whole
     (entry,) = (tmp_path / "out" / "candidates").glob("*.json")
     entry.write_text('{"key": "')
-    third, _ = selection.choose_plan(config, dataset, record, 0.8, store)
+    third, _, _ = selection.choose_plan(config, dataset, record, 0.8)
     assert len(fits) == (2 if protocol == "final" else 3)
     assert ("ignoring the unreadable candidate fit" in caplog.text) == (protocol == "final")  # train_only never reads
     assert third.metrics["test"] == first.metrics["test"]

@@ -70,7 +70,7 @@ from ciess_prod.models.sizes import mask_rows
 from ciess_prod.search.config import SearchExperimentConfig
 from ciess_prod.search.plan import DimensionPlan
 from ciess_prod.search.selection import model_meta
-from ciess_prod.train.protocol import REPORT_KS, retrain_batches
+from ciess_prod.train.protocol import REPORT_KS, RetrainConfig, retrain_batches
 from ciess_prod.train.trainer import TrainConfig, learning_rate
 
 log = logging.getLogger(__name__)
@@ -87,6 +87,9 @@ class ShardedSearchExperimentConfig(SearchExperimentConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         refuse_unsupported(self.search)
+        if self.retrain != RetrainConfig():
+            raise ValueError("retrain (several L2 weights, another cap or patience for the candidates' fits) is not "
+                             "supported by the sharded search")
         if self.item_piece < 1:
             raise ValueError(f"item_piece must be >= 1, got {self.item_piece}")
 

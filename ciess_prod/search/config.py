@@ -13,7 +13,7 @@ from ciess_prod.models.basis import ROTATABLE_KINDS
 from ciess_prod.search.agent import TD3Config
 from ciess_prod.search.environment import EnvironmentConfig
 from ciess_prod.search.exploration import ExplorationConfig
-from ciess_prod.train.protocol import Protocol
+from ciess_prod.train.protocol import Protocol, RetrainConfig
 from ciess_prod.train.trainer import TrainConfig
 
 # only choose and retrain plans once the steps are done, so a resumed search may change them (bench/ml1m_search.py's
@@ -101,10 +101,10 @@ class SearchConfig:
 
 def resumable_settings(config: Any) -> dict[str, Any]:
     """The settings of a search experiment config (any with ``search``, ``train`` and ``output_dir``) that decide its
-    steps: all but where it writes, its test protocol, the final selection's and the progress bar, which a resumed
-    search may change."""
+    steps: all but where it writes, its test protocol and retraining, the final selection's and the progress bar,
+    which a resumed search may change."""
     settings = to_dict(config)
-    for name in ("output_dir", "reference_dir", "protocol"):
+    for name in ("output_dir", "reference_dir", "protocol", "retrain"):
         settings.pop(name, None)
     settings["train"].pop("progress", None)
     settings["search"] = config.search.steps_settings()
@@ -117,6 +117,8 @@ class SearchExperimentConfig:
     train: TrainConfig = field(default_factory=TrainConfig)  # reference model and final retraining recipe
     search: SearchConfig = field(default_factory=SearchConfig)
     protocol: Protocol = "final"  # how the chosen configuration is tested (same as the baselines)
+    # the candidates' fits: the L2 weights tried (the best on validation is tested), their cap and patience [I]
+    retrain: RetrainConfig = field(default_factory=RetrainConfig)
     output_dir: str = "runs/search"  # reference/, search_state.pt, plans/, models/, report/, search.json
     reference_dir: str | None = None  # cached full-size reference; default <output_dir>/reference (shareable)
 

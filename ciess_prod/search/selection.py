@@ -35,10 +35,9 @@ def retrain_budget(
 ) -> DimensionPlan:
     """Chooses and saves budget c's plan and the model it was tested with (the model first: a saved plan implies
     its model)."""
-    out = Path(config.output_dir)
-    path, model_path = budget_dirs(out, c)
-    plan, model = choose_plan(config, dataset, record, c, candidate_fits(config, dataset, out))
-    save_checkpoint(model_path, model, model_meta(config, plan))
+    path, model_path = budget_dirs(Path(config.output_dir), c)
+    plan, model, recipe = choose_plan(config, dataset, record, c)
+    save_checkpoint(model_path, model, model_meta(recipe, plan))
     plan.save(path)
     return plan
 
@@ -56,7 +55,8 @@ def fit_in_worker(
     """One candidate's retraining on train in a spawned process; its outcome goes to the search's fit store."""
     _worker_logging(threads, log_level, label)
     dataset = load_dataset(config.data, base_dir)
-    log.info("retraining a candidate for up to %d batches (%s)", config.train.max_batches, summarise_sizes(sizes))
+    log.info("retraining a candidate at L2 %g for up to %d batches (%s)", config.train.l2, config.train.max_batches,
+             summarise_sizes(sizes))
     fit_candidate(config, dataset, sizes, candidate_fits(config, dataset, Path(config.output_dir)))
 
 
@@ -79,7 +79,8 @@ def retrain_in_workers(
 ) -> None:
     """Retrains ``budgets`` in up to ``workers`` spawned processes sharing this process's threads.
 
-    Under ``final`` the unit of work is one short probe or one candidate's fit, not one budget: every budget's
+    Under ``final`` the unit of work is one short probe or one candidate's fit at one of ``retrain``'s recipes, not
+    one budget: every budget's
     unrun probes (each distinct one once) are queued first; once a budget's probes are stored its candidates are
     known and their unfitted fits are queued; once those are stored its test protocol is queued, reading their
     outcomes from the stores. Three budgets on two workers then leave no worker idle for a whole budget.
@@ -87,8 +88,8 @@ def retrain_in_workers(
     here, naming its budgets, after the other work has finished (their plans stay saved).
     """
     out = Path(config.output_dir)
-    stores = {"probe": probe_fits(config, dataset, out), "fit": candidate_fits(config, dataset, out)}
-    configs = {"probe": probe_config(config), "fit": config}
+    configs = {"probe": probe_config(config)} | {fit_kind(v): v for v in fit_configs(config)}
+    stores = {kind: candidate_fits(v, dataset, out) for kind, v in configs.items()}
     errors: dict[float, BaseException] = {}
     waiting: dict[float, set[tuple[str, str]]] = {c: set() for c in budgets}  # the (kind, key)s a budget waits for
     stage = dict.fromkeys(budgets, "probe")  # what a budget queues next: its probes, its fits, its test
@@ -101,17 +102,19 @@ def retrain_in_workers(
         """Queues budget c's next units: its probes, then its candidates' fits, then (once none is left) its test."""
         try:
             while not waiting[c] and stage[c] != "test":
-                kind = stage[c]
-                needed = probe_pool(config, record, c) if kind == "probe" else budget_candidates(
+                probing = stage[c] == "probe"
+                needed = probe_pool(config, record, c) if probing else budget_candidates(
                     config, record, c, stores["probe"])[0]
-                stage[c] = "fit" if kind == "probe" and reads_fits else "test"
+                kinds = ["probe"] if probing else [k for k in configs if k != "probe"]
+                stage[c] = "fit" if probing and reads_fits else "test"
                 for visited in needed:
-                    unit = (kind, fit_key(stores[kind].recipe, visited.sizes))
-                    if unit in failed:
-                        raise failed[unit]
-                    if unit in queued or stores[kind].get(visited.sizes) is None:
-                        queued.setdefault(unit, (f"c={c:.2f} {kind}", visited.sizes))
-                        waiting[c].add(unit)
+                    for kind in kinds:
+                        unit = (kind, fit_key(stores[kind].recipe, visited.sizes))
+                        if unit in failed:
+                            raise failed[unit]
+                        if unit in queued or stores[kind].get(visited.sizes) is None:
+                            queued.setdefault(unit, (f"c={c:.2f} {kind}", visited.sizes))
+                            waiting[c].add(unit)
         except Exception as error:  # noqa: BLE001 - reported with its budget below, like a worker's
             errors[c] = error
             return
@@ -192,8 +195,20 @@ def budget_dirs(out: Path, c: float) -> tuple[Path, Path]:
     return out / "plans" / f"c{c:.2f}", out / "models" / f"c{c:.2f}"
 
 
+def fit_configs(config: SearchExperimentConfig) -> list[SearchExperimentConfig]:
+    """The config as each candidate's fits run it: one per recipe of ``config.retrain`` (its L2 weights, length and
+    patience in ``train``), each with its own fit store."""
+    return [dataclasses.replace(config, train=recipe) for recipe in config.retrain.recipes(config.train)]
+
+
+def fit_kind(config: SearchExperimentConfig) -> str:
+    """A fit recipe's name among a budget's units of work (``fit_configs`` differ only in their L2 weight)."""
+    return f"fit l2={config.train.l2:g}"
+
+
 def model_meta(config: SearchExperimentConfig, plan: DimensionPlan) -> dict[str, Any]:
-    """Checkpoint metadata in the shape ``ciess train`` writes, so evaluation and the compressor rebuild it alike."""
+    """Checkpoint metadata in the shape ``ciess train`` writes, so evaluation and the compressor rebuild it alike
+    (``config``: as the tested model was trained, its recipe the one chosen from ``retrain``)."""
     experiment = {"data": to_dict(config.data), "model": to_dict(config.model), "train": to_dict(config.train)}
     experiment["protocol"] = config.protocol
     metrics = {"dataset_fingerprint": plan.dataset_fingerprint, **plan.metrics}
@@ -312,15 +327,16 @@ def fit_candidate(
 
 
 def choose_plan(
-    config: SearchExperimentConfig, dataset: RecDataset, record: ConfigurationRecord, c: float, fits: CandidateFits
-) -> tuple[DimensionPlan, Recommender]:
-    """Retrains the budget's top-l configurations, keeps the best on validation, tests it under the protocol.
+    config: SearchExperimentConfig, dataset: RecDataset, record: ConfigurationRecord, c: float
+) -> tuple[DimensionPlan, Recommender, SearchExperimentConfig]:
+    """Retrains the budget's top-l configurations at each of ``retrain``'s recipes, keeps the best (configuration,
+    recipe) on validation, tests it under the protocol at that recipe.
 
-    Returns the plan and the model it was tested with (under ``final``: retrained on train+validation). ``fits``
-    holds the retrainings done before, for this budget, another, or a worker.
+    Returns the plan, the model it was tested with (under ``final``: retrained on train+validation) and the config
+    of the recipe chosen. Retrainings done before, for this budget, another, or a worker, are read from the stores.
     """
-    d_max = config.model.d_max
-    probes = probe_fits(config, dataset, Path(config.output_dir))
+    d_max, out = config.model.d_max, Path(config.output_dir)
+    probes = probe_fits(config, dataset, out)
     probe_seconds, probe_recall = 0.0, {}  # (restart, step) -> the probe's validation recall@20
     for visited in probe_pool(config, record, c):  # each probe once; another budget, run or worker may have run it
         probe = probes.get(visited.sizes) or fit_candidate(probe_config(config), dataset, visited.sizes, probes)[1]
@@ -333,24 +349,26 @@ def choose_plan(
     # in memory; `train_only` tests the fitted weights, so it always retrains.
     reads_fits = config.protocol == "final"
     best, reused, fit_seconds = None, 0, 0.0
+    recipes = [(v, candidate_fits(v, dataset, out)) for v in fit_configs(config)]
     for candidate in candidates:
-        fitted, fit = None, fits.get(candidate.sizes) if reads_fits else None
-        if fit is None:
-            fitted, fit = fit_candidate(config, dataset, candidate.sizes, fits)
-        else:
-            reused += 1
-        fit_seconds += fit.seconds
-        log.info("budget %.2f: candidate from restart %d step %d%s val %s", c, candidate.restart, candidate.step,
-                 " (retrained before)" if fitted is None else "", fit.val)
-        if best is None or fit.val["recall@20"] > best[1].val["recall@20"]:
-            best = (candidate, fit, fitted)
-    candidate, fit, fitted = best
+        for recipe, fits in recipes:
+            fitted, fit = None, fits.get(candidate.sizes) if reads_fits else None
+            if fit is None:
+                fitted, fit = fit_candidate(recipe, dataset, candidate.sizes, fits)
+            else:
+                reused += 1
+            fit_seconds += fit.seconds
+            log.info("budget %.2f: candidate from restart %d step %d at L2 %g%s: val %s", c, candidate.restart,
+                     candidate.step, recipe.train.l2, " (retrained before)" if fitted is None else "", fit.val)
+            if best is None or fit.val["recall@20"] > best[1].val["recall@20"]:
+                best = (candidate, fit, fitted, recipe)
+    candidate, fit, fitted, recipe = best
     found_by = {"restart": candidate.restart} if config.search.restarts > 1 else {}
     key = (candidate.restart, candidate.step)
     probed = {"probe_recall@20": probe_recall[key]} if key in probe_recall else {}
     started = time.perf_counter()
     model, _, test = score_with_protocol(
-        dataset, sized_model(config, candidate.sizes), config.train, config.protocol, fitted, fit.best_batches
+        dataset, sized_model(config, candidate.sizes), recipe.train, config.protocol, fitted, fit.best_batches
     )
     test_seconds = time.perf_counter() - started
     plan = DimensionPlan(
@@ -367,6 +385,7 @@ def choose_plan(
                 "step": candidate.step,
                 **known_mean_q(candidate.mean_q),
                 "best_batches": fit.best_batches,
+                "l2": recipe.train.l2,  # the L2 weight tested: train.l2, or the best on validation of retrain.l2
                 "reused_fits": reused,  # candidates whose retraining another budget, run or worker had already done
                 **probed,
                 # its probes' and candidates' fits (as timed when they ran, whoever ran them; a fit two budgets share
@@ -378,4 +397,4 @@ def choose_plan(
         config=to_dict(config),
         repaired=repaired,
     )
-    return plan, model
+    return plan, model, recipe
