@@ -80,12 +80,11 @@ def retrain_in_workers(
     """Retrains ``budgets`` in up to ``workers`` spawned processes sharing this process's threads.
 
     Under ``final`` the unit of work is one short probe or one candidate's fit at one of ``retrain``'s recipes, not
-    one budget: every budget's
-    unrun probes (each distinct one once) are queued first; once a budget's probes are stored its candidates are
-    known and their unfitted fits are queued; once those are stored its test protocol is queued, reading their
-    outcomes from the stores. Three budgets on two workers then leave no worker idle for a whole budget.
-    ``train_only`` tests the fitted weights, so there each budget is one unit after its probes. A failure is raised
-    here, naming its budgets, after the other work has finished (their plans stay saved).
+    one budget: every budget's unrun probes (each distinct one once) are queued first; once a budget's probes are
+    stored its candidates are known and their unfitted fits are queued; once those are stored its test protocol is
+    queued, reading their outcomes from the stores. Three budgets on two workers then leave no worker idle for a
+    whole budget. ``train_only`` tests the fitted weights, so there each budget is one unit after its probes. A
+    failure is raised here, naming its budgets, after the other work has finished (their plans stay saved).
     """
     out = Path(config.output_dir)
     configs = {"probe": probe_config(config)} | {fit_kind(v): v for v in fit_configs(config)}
@@ -386,7 +385,7 @@ def choose_plan(
                 **known_mean_q(candidate.mean_q),
                 "best_batches": fit.best_batches,
                 "l2": recipe.train.l2,  # the L2 weight tested: train.l2, or the best on validation of retrain.l2
-                "reused_fits": reused,  # candidates whose retraining another budget, run or worker had already done
+                "reused_fits": reused,  # fits (candidate, L2 weight) that another budget, run or worker had done
                 **probed,
                 # its probes' and candidates' fits (as timed when they ran, whoever ran them; a fit two budgets share
                 # counts in both) plus the test protocol: a sum of work, not the wall time of parallel workers
