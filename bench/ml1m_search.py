@@ -195,7 +195,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--resume", action="store_true", help="resume interrupted searches")
     parser.add_argument("--retrain-budgets", type=float, nargs="+", metavar="C",
                         help="searches, with --resume once the steps are done: retrain only these budgets, so that "
-                             "one process per group retrains in parallel")
+                             "one process per group retrains in parallel; each process writes its budgets' rows "
+                             "(retrain_seconds: that budget's)")
     parser.add_argument("--reference-basis", choices=["trained", "principal"],
                         help="searches: this warm reference basis instead of the config's, in <output_dir>-principal "
                              "(the rows record it as reference_basis)")
@@ -280,15 +281,20 @@ def main(argv: list[str] | None = None) -> int:
                                    searched.search.episodes * searched.search.steps_per_episode)
             summary = run_search(config, base_dir=ROOT, resume=args.resume or reused,
                                  retrain_budgets=args.retrain_budgets, retrain_workers=args.retrain_workers)
-            if not summary["finished"]:  # the process retraining the last pending budget writes the rows
+            if not summary["finished"]:
                 print(f"{method}: budgets {summary['pending_budgets']} are left to other processes")
-                continue
-            for c in config.search.budgets:
+                if args.retrain_budgets is None:
+                    continue
+            for c in args.retrain_budgets or config.search.budgets:  # each process writes the budgets it was given
                 plan = DimensionPlan.load(budget_dirs(Path(config.output_dir), c)[0])
-                record = row(config, method, c, plan.sizes, plan.metrics["test"], summary["total_seconds"],
+                retrain = (summary["retrain_seconds"] if args.retrain_budgets is None  # every budget's, or this one's
+                           else plan.metrics["selection"].get("retrain_seconds"))
+                search_seconds = summary["search_seconds"]
+                wall = None if search_seconds is None or retrain is None else search_seconds + retrain
+                record = row(config, method, c, plan.sizes, plan.metrics["test"], wall,
                              l2=plan.metrics["selection"].get("l2", config.train.l2),
-                             search_seconds=seconds(summary["search_seconds"]),
-                             retrain_seconds=seconds(summary["retrain_seconds"]), repaired=plan.repaired,
+                             search_seconds=seconds(search_seconds), retrain_seconds=seconds(retrain),
+                             repaired=plan.repaired,
                              size_penalty=config.search.size_penalty, gamma=config.search.td3.gamma,
                              item_quality=config.search.environment.item_quality,
                              random_steps=config.search.exploration.random_steps,

@@ -277,6 +277,34 @@ def test_the_bench_retrains_budgets_in_workers_and_records_it(tmp_path, one_torc
         assert 0 < r["retrain_seconds"] and 0 < r["process_seconds"]
 
 
+def test_processes_given_budgets_each_write_those_budgets_rows(tmp_path, one_torch_thread):
+    """--retrain-budgets: each process writes the rows of the budgets it retrained, none twice, with that budget's
+    retraining seconds; together they are the rows one process writes."""
+    from bench.ml1m_search import main
+    from tests.test_search import _steps_of
+
+    config = dataclasses.replace(TINY, output_dir=str(tmp_path / "whole"))
+    path = tmp_path / "whole.yaml"
+    path.write_text(yaml.safe_dump(to_dict(config)))
+    whole = tmp_path / "whole.jsonl"
+    assert main(["--config", str(path), "--methods", "ciess", "--results", str(whole)]) == 0
+    (tmp_path / "split").mkdir()
+    split = _steps_of(config, tmp_path / "split")
+    path.write_text(yaml.safe_dump(to_dict(split)))
+    results = tmp_path / "split.jsonl"
+    first, *rest = (str(c) for c in config.search.budgets)
+    for group in ([first], rest):
+        assert main(["--config", str(path), "--methods", "ciess", "--results", str(results), "--resume",
+                     "--retrain-budgets", *group]) == 0
+    rows = [json.loads(line) for line in results.read_text().splitlines()]
+    assert [r["target_sparsity"] for r in rows] == list(config.search.budgets)
+    for r, w in zip(rows, (json.loads(line) for line in whole.read_text().splitlines()), strict=True):
+        plan = DimensionPlan.load(tmp_path / "split" / "plans" / f"c{r['target_sparsity']:.2f}")
+        assert r["recall@20"] == w["recall@20"] and r["search_seconds"] == w["search_seconds"]
+        assert 0 < r["retrain_seconds"] == round(plan.metrics["selection"]["retrain_seconds"], 1)
+        assert r["wall_seconds"] == pytest.approx(r["search_seconds"] + r["retrain_seconds"], abs=0.11)
+
+
 def test_the_bench_retrains_at_several_l2_weights_and_records_the_one_tested(tmp_path, one_torch_thread):
     """--retrain-l2: the searches' candidates and mr/freq are fitted at each weight, the best on validation tested;
     rows record that weight as l2 and the grid as retrain_l2, and get a column of their own."""

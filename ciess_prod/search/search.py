@@ -317,7 +317,8 @@ def run_search(
     ``stop_after_steps`` ends the process-local run after that many completed steps (used to test resuming).
     ``retrain_budgets`` (with ``resume``, on a finished search) chooses only those budgets' plans in this process, so
     that separate processes retrain one search's budgets in parallel; the process that completes the last plan
-    writes the report and search.json, the others return ``{"finished": False, "pending_budgets": [...]}``.
+    writes the report and search.json, the others return ``{"finished": False, "pending_budgets": [...], ...}`` with
+    the search's and this process's seconds.
     ``retrain_workers`` > 1 retrains this process's budgets in that many worker processes at once, each with an
     equal share of this process's threads (the steps are sequential, the budgets' retrainings are not).
     """
@@ -369,8 +370,9 @@ def run_search(
     for c in search.budgets:  # workers, or other processes, may have finished budgets meanwhile
         plans[c] = plans[c] or finished_plan(*budget_dirs(out, c), config, dataset)
     pending = [c for c, plan in plans.items() if plan is None]
-    if pending:
-        return {"finished": False, "completed_steps": completed_steps, "pending_budgets": pending}
+    if pending:  # the search's seconds, so that a process can report the budgets it retrained
+        return {"finished": False, "completed_steps": completed_steps, "pending_budgets": pending,
+                "search_seconds": known(search_seconds), "process_seconds": time.perf_counter() - started}
     write_report(out / "report", history, plans, popularity)
     retrain_seconds = sum(p.metrics["selection"].get("retrain_seconds", float("nan")) for p in plans.values())
     summary = {
