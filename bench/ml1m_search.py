@@ -196,7 +196,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--retrain-budgets", type=float, nargs="+", metavar="C",
                         help="searches, with --resume once the steps are done: retrain only these budgets, so that "
                              "one process per group retrains in parallel; each process writes its budgets' rows "
-                             "(retrain_seconds: that budget's)")
+                             "(retrain_seconds: that budget's; rows record the group as retrain_budgets)")
     parser.add_argument("--reference-basis", choices=["trained", "principal"],
                         help="searches: this warm reference basis instead of the config's, in <output_dir>-principal "
                              "(the rows record it as reference_basis)")
@@ -303,7 +303,8 @@ def main(argv: list[str] | None = None) -> int:
                              penalty_gain=config.search.penalty_gain,
                              fill_budget=config.search.fill_budget, candidates_from=config.search.candidates_from,
                              retrain_workers=args.retrain_workers, process_seconds=seconds(summary["process_seconds"]),
-                             own_steps=not reused, restarts=config.search.restarts, chosen_seed=plan.seed)
+                             own_steps=not reused, restarts=config.search.restarts, chosen_seed=plan.seed,
+                             **({"retrain_budgets": args.retrain_budgets} if args.retrain_budgets else {}))
                 append_jsonl(args.results, record)
                 print_row(record)
             continue

@@ -292,16 +292,18 @@ def test_processes_given_budgets_each_write_those_budgets_rows(tmp_path, one_tor
     split = _steps_of(config, tmp_path / "split")
     path.write_text(yaml.safe_dump(to_dict(split)))
     results = tmp_path / "split.jsonl"
-    first, *rest = (str(c) for c in config.search.budgets)
+    first, *rest = config.search.budgets
     for group in ([first], rest):
         assert main(["--config", str(path), "--methods", "ciess", "--results", str(results), "--resume",
-                     "--retrain-budgets", *group]) == 0
+                     "--retrain-budgets", *map(str, group)]) == 0
     rows = [json.loads(line) for line in results.read_text().splitlines()]
     assert [r["target_sparsity"] for r in rows] == list(config.search.budgets)
     for r, w in zip(rows, (json.loads(line) for line in whole.read_text().splitlines()), strict=True):
         plan = DimensionPlan.load(tmp_path / "split" / "plans" / f"c{r['target_sparsity']:.2f}")
         assert r["recall@20"] == w["recall@20"] and r["search_seconds"] == w["search_seconds"]
         assert 0 < r["retrain_seconds"] == round(plan.metrics["selection"]["retrain_seconds"], 1)
+        group = [first] if r["target_sparsity"] == first else rest
+        assert r["retrain_budgets"] == group and "retrain_budgets" not in w
         assert r["wall_seconds"] == pytest.approx(r["search_seconds"] + r["retrain_seconds"], abs=0.11)
 
 
