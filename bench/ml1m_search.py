@@ -1,22 +1,22 @@
 """CIESS on MovieLens-1M (LightGCN, warm protocol) against MR, frequency and the no-walk ablation.
 
-Appends to bench/results/ml1m.jsonl one row per budget and method, with the same keys as
-bench/ml1m_baselines.py plus `search_seconds`, `retrain_seconds` (summed over resumed runs; `wall_seconds` is their sum)
-and `peak_rss_mb`. Methods: `ciess`, `ciess_no_walk`, `mr`, `freq`, `ciess_fill` (the finished `ciess` search
-retrained with `search.fill_budget`) and `ciess_scaled` (retrained with every budget taking the loosest budget's
-best configurations, shrunk into it and filled: `search.candidates_from: loosest`); with `--own-steps` these two run
-their own steps, so that one process times a whole search. `--size-penalty`, `--gamma`,
-`--item-quality`, `--random-steps`, `--reference-basis`, `--probe-top`, `--penalty-control`, `--penalty-gain` and
-`--seed` run them at another lambda, TD3 discount, eval(item), random warm-up, warm reference basis, candidate ranking,
-lambda control, lambda's proportional gain or search seed (rows record them as `size_penalty`, `gamma`,
-`item_quality`, `random_steps`, `reference_basis`, `probe_top`, `penalty_control`, `penalty_gain` and `seed`; and the
-config's `fill_budget` and `candidates_from`). `--restarts K` runs K searches at successive seeds and chooses every
-budget's plan from all of them (rows record `restarts` and the chosen plan's `chosen_seed`). `--retrain-l2 W ..`,
-`--retrain-max-batches` and `--retrain-patience` (or the config's `retrain`) fit every candidate, `mr` and `freq` at
-each L2 weight and test the best on validation, in <output_dir>-retrain<hash> (rows record the weight tested as `l2`,
-the settings as `retrain_l2`, `retrain_max_batches`, `retrain_patience`). Every row is tested
-under the same protocol as the `es` rows (configs/ml1m-search.yaml: `final`). Takes an hour or more on 2 cores: run
-it in the background with a log.
+Appends to bench/results/ml1m.jsonl one row per budget and method, with the same keys as bench/ml1m_baselines.py plus
+`search_seconds`, `retrain_seconds` (summed over resumed runs; `wall_seconds` is their sum) and `peak_rss_mb`. Methods:
+`ciess`, `ciess_no_walk`, `mr`, `freq`, `ciess_fill` (the finished `ciess` search retrained with `search.fill_budget`),
+`ciess_scaled` (retrained with every budget taking the loosest budget's best configurations, shrunk into it and
+filled: `search.candidates_from: loosest`) and `ciess_even` (`ciess_scaled`'s candidates with each side's total shared
+equally by its rows: `search.within_side: even`); with `--own-steps` these three run their own steps, so that one
+process times a whole search. `--size-penalty`, `--gamma`, `--item-quality`, `--random-steps`, `--reference-basis`,
+`--probe-top`, `--penalty-control`, `--penalty-gain` and `--seed` run them at another lambda, TD3 discount, eval(item),
+random warm-up, warm reference basis, candidate ranking, lambda control, lambda's proportional gain or search seed (rows
+record them as `size_penalty`, `gamma`, `item_quality`, `random_steps`, `reference_basis`, `probe_top`,
+`penalty_control`, `penalty_gain` and `seed`; and the config's `fill_budget`, `candidates_from` and `within_side`).
+`--restarts K` runs K searches at successive seeds and chooses every budget's plan from all of them (rows record
+`restarts` and the chosen plan's `chosen_seed`). `--retrain-l2 W ..`, `--retrain-max-batches` and `--retrain-patience`
+(or the config's `retrain`) fit every candidate, `mr` and `freq` at each L2 weight and test the best on validation, in
+<output_dir>-retrain<hash> (rows record the weight tested as `l2`, the settings as `retrain_l2`, `retrain_max_batches`,
+`retrain_patience`). Every row is tested under the same protocol as the `es` rows (configs/ml1m-search.yaml: `final`).
+Takes an hour or more on 2 cores: run it in the background with a log.
 
     OMP_NUM_THREADS=1 python bench/ml1m_search.py > ml1m_search.log 2>&1 &
 """
@@ -99,8 +99,9 @@ def row(config: SearchExperimentConfig, method: str, c: float, sizes: dict, test
     }
 
 
-SEARCHES = ("ciess", "ciess_no_walk", "ciess_fill", "ciess_scaled")
-RETRAINED = ("ciess_fill", "ciess_scaled")  # only the final retraining differs: the steps are the `ciess` run's
+SEARCHES = ("ciess", "ciess_no_walk", "ciess_fill", "ciess_scaled", "ciess_even")
+# only the final retraining differs: the steps are the `ciess` run's
+RETRAINED = ("ciess_fill", "ciess_scaled", "ciess_even")
 
 
 def shared_reference(base: SearchExperimentConfig) -> str:
@@ -167,8 +168,11 @@ def variant(base: SearchExperimentConfig, method: str) -> SearchExperimentConfig
         suffix = "-no-walk"
     elif method == "ciess_fill":
         search, suffix = dataclasses.replace(base.search, fill_budget=True), "-fill"
-    else:  # ciess_scaled
+    elif method == "ciess_scaled":
         search, suffix = dataclasses.replace(base.search, fill_budget=True, candidates_from="loosest"), "-scaled"
+    else:  # ciess_even
+        search = dataclasses.replace(base.search, fill_budget=True, candidates_from="loosest", within_side="even")
+        suffix = "-even"
     return dataclasses.replace(base, search=search, output_dir=base.output_dir + suffix,
                                reference_dir=shared_reference(base))
 
@@ -263,7 +267,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.random_steps is not None and args.random_steps < 0:
         parser.error(f"--random-steps must be >= 0, got {args.random_steps}")
     if args.own_steps and not set(args.methods) & set(RETRAINED):
-        parser.error(f"--own-steps applies to {' and '.join(RETRAINED)} only (the others always run their own steps)")
+        parser.error(f"--own-steps applies to {', '.join(RETRAINED)} only (the others always run their own steps)")
     if args.probe_top and args.probe_top < base.search.top_l:
         parser.error(f"--probe-top must be 0 or >= the config's top_l ({base.search.top_l}), got {args.probe_top}")
     searched = with_search_settings(base, args.size_penalty, args.gamma, args.item_quality, args.random_steps,
@@ -302,6 +306,7 @@ def main(argv: list[str] | None = None) -> int:
                              probe_top=config.search.probe_top, penalty_control=config.search.penalty_control,
                              penalty_gain=config.search.penalty_gain,
                              fill_budget=config.search.fill_budget, candidates_from=config.search.candidates_from,
+                             within_side=config.search.within_side,
                              retrain_workers=args.retrain_workers, process_seconds=seconds(summary["process_seconds"]),
                              own_steps=not reused, restarts=config.search.restarts, chosen_seed=plan.seed,
                              **({"retrain_budgets": args.retrain_budgets} if args.retrain_budgets else {}))

@@ -28,6 +28,8 @@ def test_variants_change_only_their_switch():
     scaled = variant(base, "ciess_scaled")
     assert scaled.search == dataclasses.replace(base.search, fill_budget=True, candidates_from="loosest")
     assert scaled.output_dir == "/data/run-scaled" and scaled.reference_dir == "/data/run/reference"
+    even = variant(base, "ciess_even")
+    assert even.search == dataclasses.replace(scaled.search, within_side="even") and even.output_dir == "/data/run-even"
     assert (no_walk.output_dir, fill.output_dir) == ("/data/run-no-walk", "/data/run-fill")
     assert no_walk.reference_dir == fill.reference_dir == "/data/run/reference"  # one reference model for all
 
@@ -258,7 +260,7 @@ def test_own_steps_without_a_retrained_method_is_refused(capsys):
 
     with pytest.raises(SystemExit):
         main(["--methods", "ciess", "mr", "--own-steps"])
-    assert "--own-steps applies to ciess_fill and ciess_scaled only" in capsys.readouterr().err
+    assert "--own-steps applies to ciess_fill, ciess_scaled, ciess_even only" in capsys.readouterr().err
 
 
 def test_the_bench_retrains_budgets_in_workers_and_records_it(tmp_path, one_torch_thread):

@@ -145,7 +145,8 @@ def test_killed_rank_resumes_to_the_uninterrupted_plan(kind, tmp_path, one_and_t
     [
         ({"sharding": {"default": "diagonal"}}, "sharding.default: 'diagonal' is not one of"),
         ({"search": {**TINY["search"], "fill_budget": True}}, "fill_budget"),
-        ({"search": {**TINY["search"], "candidates_from": "loosest"}}, "candidates_from 'loosest' is not supported"),
+        ({"search": {**TINY["search"], "candidates_from": "loosest"}}, "candidates_from 'loosest' and"),
+        ({"search": {**TINY["search"], "within_side": "even"}}, "within_side 'even' are not supported"),
         ({"search": {**TINY["search"], "environment": {"item_quality": "hits"}}}, "item_quality 'hits'"),
         ({"search": {**TINY["search"], "environment": {"reference_basis": "principal"}}}, "reference_basis"),
         ({"item_piece": 0}, "item_piece"),

@@ -196,7 +196,8 @@ def test_split_config_is_honoured():
 @pytest.mark.parametrize(("change", "message"), [
     ({"environment": {"item_quality": "hits"}}, "item_quality 'hits' is not supported by the sharded search"),
     ({"fill_budget": True}, "fill_budget and search.reward 'code' are not supported"),
-    ({"candidates_from": "loosest"}, "candidates_from 'loosest' is not supported by the sharded search"),
+    ({"candidates_from": "loosest"}, "candidates_from 'loosest' and search.within_side 'even' are not supported"),
+    ({"within_side": "even"}, "candidates_from 'loosest' and search.within_side 'even' are not supported"),
     ({"probe_top": 4}, "probe_top and an adapted search.penalty_control"),
     ({"penalty_control": "loosest"}, "probe_top and an adapted search.penalty_control"),
     ({"penalty_control": "signed"}, "probe_top and an adapted search.penalty_control"),

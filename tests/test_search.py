@@ -234,6 +234,11 @@ def test_candidates_from_the_loosest_budget_keep_its_allocation():
     filled = dataclasses.replace(loosest, search=dataclasses.replace(loosest.search, fill_budget=True))
     (grown,), _ = budget_candidates(filled, record, 0.8)
     assert int(sum(s.long().sum() for s in grown.sizes.values())) >= int(flat.sum())
+    evened = dataclasses.replace(filled, search=dataclasses.replace(filled.search, within_side="even"))
+    (even,), _ = budget_candidates(evened, record, 0.8)
+    for s in SIDES:  # each side's total as filled, shared equally by its rows
+        assert int(even.sizes[s].long().sum()) == int(grown.sizes[s].long().sum())
+        assert int(even.sizes[s].max() - even.sizes[s].min()) <= 1
 
 
 def test_probes_rank_the_candidates_by_a_short_retraining(tmp_path):

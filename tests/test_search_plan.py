@@ -396,3 +396,20 @@ def test_fill_to_budget_grows_into_the_slack_keeping_order():
     assert torch.equal(fill_to_budget(full, 64, 0.0)["user"], full["user"])  # nothing to fill
     with pytest.raises(PlanError, match="exceeds the budget"):
         fill_to_budget(full, 64, 0.5)
+
+
+def test_even_within_tables_keeps_each_total_and_gives_the_remainder_to_the_largest():
+    from ciess_prod.search.plan import even_within_tables
+
+    sizes = {"user": torch.tensor([1, 9, 4, 9, 4], dtype=torch.int16), "item": torch.full((3,), 3, dtype=torch.int16)}
+    even = even_within_tables(sizes, 16)
+    assert even["user"].tolist() == [5, 6, 5, 6, 5]  # 27 over 5 rows: the two 9s take the remainder
+    assert even["item"].tolist() == [3, 3, 3] and all(e.dtype == torch.int16 for e in even.values())
+    g = torch.Generator().manual_seed(1)
+    wide = {"user": torch.randint(1, 64, (301,), generator=g).to(torch.int16)}
+    out = even_within_tables(wide, 64)["user"].long()
+    assert int(out.sum()) == int(wide["user"].long().sum()) and int(out.max() - out.min()) <= 1
+    up = out > out.min()
+    assert int(wide["user"][up].min()) >= int(wide["user"][~up].max())  # the +1s went to the largest rows
+    with pytest.raises(PlanError, match=r"sizes must lie in \[1, 16\]"):
+        even_within_tables({"user": torch.tensor([0, 3])}, 16)

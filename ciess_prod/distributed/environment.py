@@ -37,8 +37,9 @@ def refuse_unsupported(search: SearchConfig) -> None:
     """The single-process search's options that the sharded search does not implement, refused before any work."""
     if search.fill_budget or search.reward != "paper":
         raise ValueError("search.fill_budget and search.reward 'code' are not supported by the sharded search")
-    if search.candidates_from != "budget":
-        raise ValueError("search.candidates_from 'loosest' is not supported by the sharded search")
+    if search.candidates_from != "budget" or search.within_side != "keep":
+        raise ValueError("search.candidates_from 'loosest' and search.within_side 'even' are not supported by the "
+                         "sharded search")
     if search.probe_top or search.penalty_control != "fixed":
         raise ValueError("search.probe_top and an adapted search.penalty_control ('loosest', 'signed') are not "
                          "supported by the sharded search")

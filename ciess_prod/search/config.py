@@ -19,7 +19,8 @@ from ciess_prod.train.trainer import TrainConfig
 # only choose and retrain plans once the steps are done, so a resumed search may change them (bench/ml1m_search.py's
 # ciess_fill and ciess_scaled retrain a finished search's steps with other ones); `restarts` adds or drops whole
 # searches beside this one, each saved with its own steps
-SELECTION_SETTINGS = ("top_l", "fill_budget", "candidates_from", "probe_top", "probe_batches", "restarts")
+SELECTION_SETTINGS = ("top_l", "fill_budget", "candidates_from", "within_side", "probe_top", "probe_batches",
+                      "restarts")
 
 
 @dataclass(frozen=True)
@@ -34,6 +35,9 @@ class SearchConfig:
     # budget: each budget's own top-l [P]; loosest: every budget takes the loosest budget's top-l (the search's best
     # configurations), shrunk into it by repair_to_budget's common factor, which keeps their per-row allocation [I]
     candidates_from: Literal["budget", "loosest"] = "budget"
+    # keep: each row keeps its visited size [P]; even: each side's rows share the side's total equally, after any
+    # shrink and fill, so a candidate keeps only the search's split between users and items (even_within_tables) [I]
+    within_side: Literal["keep", "even"] = "keep"
     # rank this many of the best visited configurations (by mean q) by a short retraining from scratch before the
     # top_l go to full retraining; the warm fine-tune's q separates configurations weakly. 0: rank by mean q [I]
     probe_top: int = 0

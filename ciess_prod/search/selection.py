@@ -22,7 +22,13 @@ from ciess_prod.experiment import load_dataset
 from ciess_prod.models import SIDES, Recommender, build_model, sparsity
 from ciess_prod.search.candidates import CandidateFit, CandidateFits, fit_key
 from ciess_prod.search.config import SearchExperimentConfig
-from ciess_prod.search.plan import MANIFEST_NAME, DimensionPlan, fill_to_budget, repair_to_budget
+from ciess_prod.search.plan import (
+    MANIFEST_NAME,
+    DimensionPlan,
+    even_within_tables,
+    fill_to_budget,
+    repair_to_budget,
+)
 from ciess_prod.search.record import ConfigurationRecord, Visited, leading_per_restart
 from ciess_prod.train.checkpoint import save_checkpoint
 from ciess_prod.train.protocol import fit_on_train, score_with_protocol
@@ -247,7 +253,8 @@ def budget_candidates(
     if not visited:  # nothing visited fits: shrink the sparsest visited configuration (order kept)
         if record.sparsest is None:
             raise RuntimeError("the search visited no configuration")
-        return [dataclasses.replace(shrunk(record.sparsest, d_max, c), step=-1, mean_q=float("nan"))], True
+        repaired = dataclasses.replace(shrunk(record.sparsest, d_max, c), step=-1, mean_q=float("nan"))
+        return [evened(config, repaired)], True
     if search.probe_top:
         if probes is None:
             raise ValueError("search.probe_top ranks the candidates by their probes: pass the probe store")
@@ -260,12 +267,20 @@ def budget_candidates(
 
 def prepared(config: SearchExperimentConfig, visited: Visited, c: float) -> Visited:
     """A visited configuration as budget c retrains it: shrunk into c where it exceeds it, then filled under
-    ``fill_budget`` (visited configurations may leave part of the budget unused)."""
+    ``fill_budget`` (visited configurations may leave part of the budget unused), then evened under ``within_side``."""
     d_max = config.model.d_max
     v = visited if visited.sparsity >= c else shrunk(visited, d_max, c)
     if config.search.fill_budget:
         v = dataclasses.replace(v, sizes=fill_to_budget(v.sizes, d_max, c), sparsity=float("nan"))
-    return v
+    return evened(config, v)
+
+
+def evened(config: SearchExperimentConfig, visited: Visited) -> Visited:
+    """Under ``within_side: even``, the configuration with each side's total shared equally by its rows (the same
+    totals, so the same sparsity)."""
+    if config.search.within_side == "keep":
+        return visited
+    return dataclasses.replace(visited, sizes=even_within_tables(visited.sizes, config.model.d_max))
 
 
 def probe_pool(config: SearchExperimentConfig, record: ConfigurationRecord, c: float) -> list[Visited]:
