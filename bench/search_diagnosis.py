@@ -8,6 +8,9 @@ Per run and side (users, items) it appends one JSON line to bench/results/search
 - how many visited configurations meet each budget (what the final retraining can choose from);
 - after a random warm-up (`--random-steps`), reward and q by size over its transitions, where sizes were drawn at
   random: what a row's own size does to its quality, free of the actor's choices.
+- for each plan the run saved, how its sizes spread within the side and how much of that spread popularity explains
+  (the spread left within 20 equal popularity bins, the correlation with log popularity): a plan's per-row choices
+  carry a popularity signal only where the within-bin spread is well below the whole spread.
 
     python bench/search_diagnosis.py runs/ml1m-search runs/ml1m-search-no-walk [--config configs/ml1m-search.yaml]
 """
@@ -26,16 +29,20 @@ sys.path.insert(0, str(ROOT))
 from bench.ml1m_baselines import git_sha  # noqa: E402
 from bench.ml1m_search import with_search_settings  # noqa: E402
 from ciess_prod.config import load_yaml  # noqa: E402
+from ciess_prod.experiment import load_dataset  # noqa: E402
 from ciess_prod.io import append_jsonl  # noqa: E402
 from ciess_prod.models import SIDES  # noqa: E402
 from ciess_prod.search.agent import STATE_DIM, TD3Agent  # noqa: E402
 from ciess_prod.search.config import SearchExperimentConfig  # noqa: E402
+from ciess_prod.search.plan import MANIFEST_NAME, DimensionPlan  # noqa: E402
 from ciess_prod.search.search import STATE_FILE  # noqa: E402
+from ciess_prod.search.selection import budget_dirs  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results" / "search_diagnosis.jsonl"
 SIZE_EDGES = (1, 4, 8, 16, 32, 64)  # reward buckets [1, 4), [4, 8), ..., [64, d_max]
 STRETCHES = ((0, 10), (10, 30), (30, 100), (100, 200), (200, 300))  # steps [a, b) of the history
 PROBE_ROWS = 2000  # buffer states per probe
+POPULARITY_BINS = 20  # equal-count bins of a side's rows by train popularity (plan_scatter)
 
 
 def mean_by_size(sizes: torch.Tensor, values: torch.Tensor, d_max: int) -> dict[str, float | None]:
@@ -67,6 +74,34 @@ def warm_up_response(buffer: torch.Tensor, transitions: int, d_max: int) -> dict
     return {"transitions": len(part), **size_response(sizes, q, part[:, 0], d_max, reward=reward)}
 
 
+def plan_scatter(sizes: torch.Tensor, popularity: torch.Tensor, bins: int = POPULARITY_BINS) -> dict:
+    """How one side's sizes [N] spread and how much of it train popularity [N] explains: the standard deviation
+    left within ``bins`` equal-count popularity bins (pooled), the correlation with log(1 + popularity), the mean
+    size per bin from the least to the most popular."""
+    s = sizes.double()
+    rank = torch.empty_like(popularity, dtype=torch.int64)
+    rank[torch.argsort(popularity, stable=True)] = torch.arange(len(popularity))
+    bin_of = rank * bins // len(popularity)  # [N] in [0, bins)
+    counts = torch.bincount(bin_of, minlength=bins).double()
+    means = torch.bincount(bin_of, weights=s, minlength=bins) / counts.clamp(min=1)
+    within = ((s - means[bin_of]) ** 2).mean().sqrt()
+    log_pop = torch.log1p(popularity.double())
+    corr = torch.corrcoef(torch.stack([log_pop, s]))[0, 1] if s.std() > 0 and log_pop.std() > 0 else torch.tensor(0.0)
+    return {"mean": round(float(s.mean()), 3), "std": round(float(s.std(correction=0)), 3),
+            "std_within_popularity_bins": round(float(within), 3), "corr_log_popularity": round(float(corr), 3),
+            "mean_by_popularity_bin": [round(float(m), 2) for m in means[counts > 0]]}
+
+
+def plans_scatter(run: Path, budgets: tuple[float, ...], side: str, popularity: torch.Tensor) -> dict[str, dict]:
+    """``plan_scatter`` of each budget's saved plan in ``run`` (budgets without one are left out)."""
+    out = {}
+    for c in budgets:
+        path = budget_dirs(run, c)[0]
+        if (path / MANIFEST_NAME).is_file():
+            out[f"{c}"] = plan_scatter(DimensionPlan.load(path).sizes[side], popularity)
+    return out
+
+
 def diagnose_side(agent: TD3Agent, buffer: torch.Tensor, d_max: int) -> dict:
     """buffer: the replay data [T, 2 * STATE_DIM + 3] (state, size, reward, next_state, done)."""
     states, sizes, reward = buffer[:, :STATE_DIM], buffer[:, STATE_DIM].contiguous(), buffer[:, STATE_DIM + 1]
@@ -91,8 +126,9 @@ def diagnose_side(agent: TD3Agent, buffer: torch.Tensor, d_max: int) -> dict:
     return {"transitions": len(sizes), "reward_by_size": rewards, "probes": probes}
 
 
-def diagnose(run: Path, config: SearchExperimentConfig) -> list[dict]:
-    """``config``: the search's config (its d_max and TD3 network shape)."""
+def diagnose(run: Path, config: SearchExperimentConfig, popularity: dict[str, torch.Tensor]) -> list[dict]:
+    """``config``: the search's config (its d_max, TD3 network shape and budgets); ``popularity``: each side's train
+    popularity [N]."""
     state = torch.load(run / STATE_FILE, weights_only=True)
     steps = state["history"]  # the same list report/history.json gets, there before the retraining ends
     d_max = config.model.d_max
@@ -112,6 +148,7 @@ def diagnose(run: Path, config: SearchExperimentConfig) -> list[dict]:
         record = {"run": run.name, "side": side, "completed_steps": state["step"],
                   "mean_reward_by_steps": by_stretch, "mean_sparsity_by_steps": sparsity_by_stretch,
                   "visited_meeting_budget": meeting, **diagnose_side(agent, buffer["data"], d_max),
+                  "plan_scatter": plans_scatter(run, config.search.budgets, side, popularity[side]),
                   "git_sha": git_sha()}
         warm_up = min(config.search.exploration.random_steps, state["step"]) * len(state["sizes"][side])
         # every warm-up row is still in the buffer only if no step subsampled rows and it never wrapped
@@ -132,8 +169,11 @@ def main(argv: list[str] | None = None) -> int:
     config = load_yaml(SearchExperimentConfig, args.config)
     if args.random_steps is not None:
         config = with_search_settings(config, random_steps=args.random_steps)
+    dataset = load_dataset(config.data, ROOT)
+    popularity = {"user": torch.from_numpy(dataset.user_popularity()),
+                  "item": torch.from_numpy(dataset.item_popularity())}
     for run in args.runs:
-        for record in diagnose(run, config):
+        for record in diagnose(run, config, popularity):
             append_jsonl(args.results, record)
             print(f"{record['run']} {record['side']}: reward by size {record['reward_by_size']}")
             for name, probe in record["probes"].items():
@@ -142,6 +182,9 @@ def main(argv: list[str] | None = None) -> int:
             print(f"  mean reward by steps {record['mean_reward_by_steps']}")
             print(f"  mean sparsity by steps {record['mean_sparsity_by_steps']}")
             print(f"  visited configurations meeting each budget {record['visited_meeting_budget']}")
+            for c, scatter in record["plan_scatter"].items():
+                print(f"  plan c={c}: size mean {scatter['mean']} std {scatter['std']}, within popularity bins "
+                      f"{scatter['std_within_popularity_bins']}, corr(log popularity) {scatter['corr_log_popularity']}")
             if "warm_up" in record:
                 print(f"  random warm-up ({record['warm_up']['transitions']} transitions): q by size "
                       f"{record['warm_up']['q_by_size']}, popular third {record['warm_up']['q_by_size_popular_third']}")

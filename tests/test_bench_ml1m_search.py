@@ -206,6 +206,10 @@ def test_search_diagnosis_reads_a_finished_search(tmp_path, one_torch_thread):
         history = torch.load(tmp_path / "run" / STATE_FILE, weights_only=True)["history"]
         assert r["visited_meeting_budget"] == {f"{c}": sum(e["sparsity"] >= c for e in history)
                                                for c in TINY.search.budgets}
+        plans = {f"{c}": DimensionPlan.load(tmp_path / "run" / "plans" / f"c{c:.2f}") for c in TINY.search.budgets}
+        assert list(r["plan_scatter"]) == list(plans)  # every saved plan, its own mean size
+        for c, scatter in r["plan_scatter"].items():
+            assert scatter["mean"] == pytest.approx(plans[c].sizes[r["side"]].double().mean().item(), abs=1e-3)
 
 
 def test_search_diagnosis_measures_the_random_warm_up(tmp_path, one_torch_thread):
@@ -474,3 +478,17 @@ def test_summarize_names_an_unknown_table(capsys):
         summarize.main(["ml1m-compre"])
     assert stop.value.code == 2
     assert "invalid choice: 'ml1m-compre'" in capsys.readouterr().err
+
+
+def test_plan_scatter_separates_a_popularity_trend_from_noise():
+    from bench.search_diagnosis import plan_scatter
+
+    popularity = torch.arange(1, 401)
+    trend = 1 + torch.arange(400) // 20  # one size per popularity bin: popularity explains all of the spread
+    scatter = plan_scatter(trend, popularity)
+    assert scatter["std_within_popularity_bins"] == 0 and scatter["std"] > 5 and scatter["corr_log_popularity"] > 0.8
+    assert scatter["mean_by_popularity_bin"] == [float(b) for b in range(1, 21)]
+    noise = torch.randint(1, 40, (400,), generator=torch.Generator().manual_seed(0))
+    scatter = plan_scatter(noise, popularity)  # none of it
+    assert scatter["std_within_popularity_bins"] > 0.9 * scatter["std"] and abs(scatter["corr_log_popularity"]) < 0.2
+    assert plan_scatter(torch.full((400,), 3), popularity)["corr_log_popularity"] == 0  # no spread, no correlation
