@@ -66,7 +66,7 @@ def ml1m_table() -> None:
               f"{r['embedding_bytes']:,} | {r['wall_seconds']:.0f} | {r['git_sha'][:7]} |")
 
 
-SIZE_METHODS = ("es", "mr", "freq", "ciess", "ciess_no_walk", "ciess_fill", "ciess_scaled")
+SIZE_METHODS = ("es", "mr", "freq", "ciess", "ciess_no_walk", "ciess_fill", "ciess_scaled", "ciess_even")
 
 
 def method_label(r: dict) -> str:

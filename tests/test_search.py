@@ -3,6 +3,7 @@
 import dataclasses
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -209,6 +210,20 @@ def test_fill_budget_uses_the_slack_of_each_budget(tmp_path, finished_search):
         assert filled.fits_budget()
         if not summary["plans"][f"{c:.2f}"]["repaired"]:
             assert c <= filled.achieved_sparsity <= unfilled.achieved_sparsity
+
+
+def test_even_within_side_plans_keep_only_the_split_between_users_and_items(tmp_path, finished_search):
+    """`within_side: even` on a finished search's steps (resumed): every saved plan meets its budget with one size,
+    or two adjacent ones, per side."""
+    plain, _ = finished_search
+    config = _tiny(tmp_path, "even", fill_budget=True, candidates_from="loosest", within_side="even")
+    Path(config.output_dir).mkdir()
+    shutil.copyfile(Path(plain.output_dir) / STATE_FILE, Path(config.output_dir) / STATE_FILE)
+    assert run_search(config, resume=True)["completed_steps"] == 6  # the steps reused, only the selection ran
+    for c in config.search.budgets:
+        plan = DimensionPlan.load(Path(config.output_dir) / "plans" / f"c{c:.2f}")
+        assert plan.fits_budget() and plan.config["search"]["within_side"] == "even"
+        assert all(int(s.max()) - int(s.min()) <= 1 for s in plan.sizes.values())
 
 
 def test_candidates_from_the_loosest_budget_keep_its_allocation():
