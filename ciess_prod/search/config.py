@@ -17,8 +17,8 @@ from ciess_prod.train.protocol import Protocol, RetrainConfig
 from ciess_prod.train.trainer import TrainConfig
 
 # only choose and retrain plans once the steps are done, so a resumed search may change them (bench/ml1m_search.py's
-# ciess_fill and ciess_scaled retrain a finished search's steps with other ones); `restarts` adds or drops whole
-# searches beside this one, each saved with its own steps
+# ciess_fill, ciess_scaled and ciess_even retrain a finished search's steps with other ones); `restarts` adds or drops
+# whole searches beside this one, each saved with its own steps
 SELECTION_SETTINGS = ("top_l", "fill_budget", "candidates_from", "within_side", "probe_top", "probe_batches",
                       "restarts")
 
