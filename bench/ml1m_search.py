@@ -15,7 +15,9 @@ record them as `size_penalty`, `gamma`, `item_quality`, `random_steps`, `referen
 `restarts` and the chosen plan's `chosen_seed`). `--retrain-l2 W ..`, `--retrain-max-batches` and `--retrain-patience`
 (or the config's `retrain`) fit every candidate, `mr` and `freq` at each L2 weight and test the best on validation, in
 <output_dir>-retrain<hash> (rows record the weight tested as `l2`, the settings as `retrain_l2`, `retrain_max_batches`,
-`retrain_patience`). Every row is tested under the same protocol as the `es` rows (configs/ml1m-search.yaml: `final`).
+`retrain_patience`). `--steps-from DIR` retrains the finished steps of the search run in DIR (reusing its stored fits)
+instead of running them, so that a search is retrained under other `--retrain-*` settings. Every row is tested
+under the same protocol as the `es` rows (configs/ml1m-search.yaml: `final`).
 Takes an hour or more on 2 cores: run it in the background with a log.
 
     OMP_NUM_THREADS=1 python bench/ml1m_search.py > ml1m_search.log 2>&1 &
@@ -56,7 +58,7 @@ from ciess_prod.search import DimensionPlan  # noqa: E402
 from ciess_prod.search.baselines import frequency_sizes, random_sizes  # noqa: E402
 from ciess_prod.search.config import SearchExperimentConfig  # noqa: E402
 from ciess_prod.search.search import STATE_FILE, run_search  # noqa: E402
-from ciess_prod.search.selection import budget_dirs  # noqa: E402
+from ciess_prod.search.selection import FITS_DIR, budget_dirs  # noqa: E402
 from ciess_prod.train.protocol import train_and_test  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results" / "ml1m.jsonl"
@@ -191,6 +193,19 @@ def reuse_search_state(source: Path, dest: Path, total_steps: int) -> None:
     os.replace(dest / (STATE_FILE + ".tmp"), dest / STATE_FILE)
 
 
+def take_steps(source: Path, dest: Path, total_steps: int) -> None:
+    """--steps-from: another run's finished steps and stored fits seed this run's directory, so that its budgets are
+    retrained under this run's settings without running the steps again. A stored fit is read back only under its
+    own recipe and sizes (candidates.fit_key), so what this run's retraining changes is fitted afresh."""
+    reuse_search_state(source, dest, total_steps)
+    fits = dest / FITS_DIR
+    fits.mkdir(exist_ok=True)
+    for entry in sorted((source / FITS_DIR).glob("*.json")):
+        if not (fits / entry.name).exists():
+            shutil.copyfile(entry, fits / (entry.name + ".tmp"))
+            os.replace(fits / (entry.name + ".tmp"), fits / entry.name)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", type=Path, default=ROOT / "configs" / "ml1m-search.yaml")
@@ -210,6 +225,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--own-steps", action="store_true",
                         help="ciess_fill, ciess_scaled: run their own search steps instead of copying the `ciess` "
                              "search's, so that process_seconds times a whole search (rows record it as own_steps)")
+    parser.add_argument("--steps-from", type=Path, metavar="DIR",
+                        help="searches: take the finished steps and stored fits of the search run in DIR (its step "
+                             "settings must be this run's) and only retrain, e.g. under other --retrain-* settings "
+                             "(rows record DIR's name as steps_from)")
     parser.add_argument("--budgets", type=float, nargs="+", help="mr/freq: only these budgets (default: the config's)")
     parser.add_argument("--size-penalty", type=float, metavar="LAMBDA",
                         help="searches: this lambda instead of the config's, in <output_dir>-lambda<LAMBDA> (the rows "
@@ -268,6 +287,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--random-steps must be >= 0, got {args.random_steps}")
     if args.own_steps and not set(args.methods) & set(RETRAINED):
         parser.error(f"--own-steps applies to {', '.join(RETRAINED)} only (the others always run their own steps)")
+    if args.steps_from is not None and (args.own_steps or not set(args.methods) & set(SEARCHES)):
+        parser.error("--steps-from applies to searches that do not run their own steps")
     if args.probe_top and args.probe_top < base.search.top_l:
         parser.error(f"--probe-top must be 0 or >= the config's top_l ({base.search.top_l}), got {args.probe_top}")
     searched = with_search_settings(base, args.size_penalty, args.gamma, args.item_quality, args.random_steps,
@@ -279,10 +300,12 @@ def main(argv: list[str] | None = None) -> int:
         if method in SEARCHES:
             config = variant(searched, method)
             config = dataclasses.replace(config, output_dir=str(ROOT / config.output_dir))
-            reused = method in RETRAINED and not args.own_steps
-            if reused:
-                reuse_search_state(ROOT / searched.output_dir, Path(config.output_dir),
-                                   searched.search.episodes * searched.search.steps_per_episode)
+            total_steps = searched.search.episodes * searched.search.steps_per_episode
+            reused = args.steps_from is not None or (method in RETRAINED and not args.own_steps)
+            if args.steps_from is not None:
+                take_steps(args.steps_from, Path(config.output_dir), total_steps)
+            elif reused:
+                reuse_search_state(ROOT / searched.output_dir, Path(config.output_dir), total_steps)
             summary = run_search(config, base_dir=ROOT, resume=args.resume or reused,
                                  retrain_budgets=args.retrain_budgets, retrain_workers=args.retrain_workers)
             if not summary["finished"]:
@@ -309,7 +332,8 @@ def main(argv: list[str] | None = None) -> int:
                              within_side=config.search.within_side,
                              retrain_workers=args.retrain_workers, process_seconds=seconds(summary["process_seconds"]),
                              own_steps=not reused, restarts=config.search.restarts, chosen_seed=plan.seed,
-                             **({"retrain_budgets": args.retrain_budgets} if args.retrain_budgets else {}))
+                             **({"retrain_budgets": args.retrain_budgets} if args.retrain_budgets else {}),
+                             **({"steps_from": args.steps_from.name} if args.steps_from is not None else {}))
                 append_jsonl(args.results, record)
                 print_row(record)
             continue

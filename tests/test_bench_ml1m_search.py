@@ -492,3 +492,36 @@ def test_plan_scatter_separates_a_popularity_trend_from_noise():
     scatter = plan_scatter(noise, popularity)  # none of it
     assert scatter["std_within_popularity_bins"] > 0.9 * scatter["std"] and abs(scatter["corr_log_popularity"]) < 0.2
     assert plan_scatter(torch.full((400,), 3), popularity)["corr_log_popularity"] == 0  # no spread, no correlation
+
+
+def test_steps_from_retrains_another_runs_steps_under_new_settings(tmp_path, monkeypatch, one_torch_thread, capsys):
+    """--steps-from: no step runs again, the first run's fits at an unchanged recipe are read back, the new weight is
+    fitted, and the rows record where the steps came from."""
+    from bench.ml1m_search import main
+
+    config = dataclasses.replace(TINY, output_dir=str(tmp_path / "run"))
+    path = tmp_path / "search.yaml"
+    path.write_text(yaml.safe_dump(to_dict(config)))
+    first, second = tmp_path / "first.jsonl", tmp_path / "second.jsonl"
+    assert main(["--config", str(path), "--methods", "ciess", "--results", str(first)]) == 0
+
+    def no_search_step(*args, **kwargs):
+        raise AssertionError("a search step ran; --steps-from must only retrain")
+
+    monkeypatch.setattr(SizeEnvironment, "evaluate", no_search_step)
+    assert main(["--config", str(path), "--methods", "ciess", "--results", str(second), "--steps-from",
+                 str(tmp_path / "run"), "--retrain-l2", str(TINY.train.l2), "5"]) == 0
+    (out,) = tmp_path.glob("run-retrain*")
+    reused = []
+    for before, after in zip(*([json.loads(x) for x in f.read_text().splitlines()] for f in (first, second)),
+                             strict=True):
+        assert after["steps_from"] == "run" and after["own_steps"] is False and "steps_from" not in before
+        assert after["search_seconds"] == before["search_seconds"] and after["retrain_l2"] == [TINY.train.l2, 5.0]
+        selection = DimensionPlan.load(out / "plans" / f"c{after['target_sparsity']:.2f}").metrics["selection"]
+        reused.append(selection["reused_fits"])
+    assert reused[0] >= 1  # the first budget's fit at the config's weight: read back from the first run's store
+    assert {p.name for p in (tmp_path / "run" / "candidates").glob("*.json")} < {
+        p.name for p in (out / "candidates").glob("*.json")}  # kept, and the new weight's fits added
+    with pytest.raises(SystemExit):
+        main(["--config", str(path), "--methods", "mr", "--steps-from", str(tmp_path / "run")])
+    assert "--steps-from applies to searches" in capsys.readouterr().err

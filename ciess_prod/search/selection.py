@@ -34,6 +34,7 @@ from ciess_prod.train.checkpoint import save_checkpoint
 from ciess_prod.train.protocol import fit_on_train, score_with_protocol
 
 log = logging.getLogger(__name__)
+FITS_DIR = "candidates"  # under a search's output_dir: the stored outcomes of its probes and candidate fits
 
 
 def retrain_budget(
@@ -182,7 +183,7 @@ def summarise_sizes(sizes: dict[str, torch.Tensor]) -> str:
 def candidate_fits(config: SearchExperimentConfig, dataset: RecDataset, out: Path) -> CandidateFits:
     """The search's store of candidate retrainings, keyed by everything a retraining on train depends on."""
     recipe = {"data": dataset.fingerprint, "model": to_dict(config.model), "train": to_dict(config.train)}
-    return CandidateFits(out / "candidates", recipe)
+    return CandidateFits(out / FITS_DIR, recipe)
 
 
 def probe_fits(config: SearchExperimentConfig, dataset: RecDataset, out: Path) -> CandidateFits:
