@@ -189,8 +189,13 @@ def reuse_search_state(source: Path, dest: Path, total_steps: int) -> None:
         raise SystemExit(f"{dest.name} reuses the `ciess` search's {total_steps} steps; {source} has {done}: run "
                          "--methods ciess first")
     dest.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(source / STATE_FILE, dest / (STATE_FILE + ".tmp"))
-    os.replace(dest / (STATE_FILE + ".tmp"), dest / STATE_FILE)
+    copy_atomic(source / STATE_FILE, dest / STATE_FILE)
+
+
+def copy_atomic(source: Path, target: Path) -> None:
+    """A copy that an interrupted run never leaves half-written under the target's name."""
+    shutil.copyfile(source, target.with_name(target.name + ".tmp"))
+    os.replace(target.with_name(target.name + ".tmp"), target)
 
 
 def take_steps(source: Path, dest: Path, total_steps: int) -> None:
@@ -202,8 +207,7 @@ def take_steps(source: Path, dest: Path, total_steps: int) -> None:
     fits.mkdir(exist_ok=True)
     for entry in sorted((source / FITS_DIR).glob("*.json")):
         if not (fits / entry.name).exists():
-            shutil.copyfile(entry, fits / (entry.name + ".tmp"))
-            os.replace(fits / (entry.name + ".tmp"), fits / entry.name)
+            copy_atomic(entry, fits / entry.name)
 
 
 def main(argv: list[str] | None = None) -> int:

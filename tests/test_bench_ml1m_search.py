@@ -16,6 +16,7 @@ from ciess_prod.experiment import load_dataset
 from ciess_prod.search import DimensionPlan
 from ciess_prod.search.environment import SizeEnvironment
 from ciess_prod.search.search import run_search
+from ciess_prod.search.selection import FITS_DIR
 from tests.test_search import TINY
 
 
@@ -520,8 +521,8 @@ def test_steps_from_retrains_another_runs_steps_under_new_settings(tmp_path, mon
         selection = DimensionPlan.load(out / "plans" / f"c{after['target_sparsity']:.2f}").metrics["selection"]
         reused.append(selection["reused_fits"])
     assert reused[0] >= 1  # the first budget's fit at the config's weight: read back from the first run's store
-    assert {p.name for p in (tmp_path / "run" / "candidates").glob("*.json")} < {
-        p.name for p in (out / "candidates").glob("*.json")}  # kept, and the new weight's fits added
+    assert {p.name for p in (tmp_path / "run" / FITS_DIR).glob("*.json")} < {
+        p.name for p in (out / FITS_DIR).glob("*.json")}  # kept, and the new weight's fits added
     with pytest.raises(SystemExit):
         main(["--config", str(path), "--methods", "mr", "--steps-from", str(tmp_path / "run")])
     assert "--steps-from applies to searches" in capsys.readouterr().err
