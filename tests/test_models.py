@@ -214,3 +214,28 @@ def test_gradients_repeat_bit_for_bit_on_two_threads(kind):
     finally:
         torch.set_num_threads(threads)
     assert all(torch.equal(a, b) for later in grads[1:] for a, b in zip(grads[0], later, strict=True))
+
+
+def test_lightgcn_propagates_only_up_to_the_widest_row_with_the_full_widths_result():
+    from ciess_prod.models.lightgcn import lightgcn_layers
+
+    model = _model("lightgcn")
+    g = torch.Generator().manual_seed(2)
+    model.set_row_sizes("user", torch.randint(1, 6, (N_USERS,), generator=g))
+    model.set_row_sizes("item", torch.randint(1, 4, (N_ITEMS,), generator=g))
+    assert model.widest_row() == 5
+    assert model.ego(5).shape == (N_USERS + N_ITEMS, 5)
+    torch.testing.assert_close(model.ego(5), model.ego()[:, :5], rtol=0, atol=0)
+    full_width = lightgcn_layers(model.adjacency, model.ego(), model.config.n_layers)
+    trimmed = model.final_embeddings()
+    assert trimmed.shape == (N_USERS + N_ITEMS, D)
+    torch.testing.assert_close(trimmed, full_width, rtol=1e-6, atol=1e-7)
+    assert bool((trimmed[:, 5:] == 0).all())
+    weights = torch.randn(N_USERS + N_ITEMS, D)
+    grads = [torch.autograd.grad((out * weights).sum(), [model.table_weight(n) for n in model.tables])
+             for out in (lightgcn_layers(model.adjacency, model.ego(), model.config.n_layers),
+                         model.final_embeddings())]
+    for full, cut in zip(*grads, strict=True):
+        torch.testing.assert_close(cut, full, rtol=1e-6, atol=1e-7)
+    model.set_row_sizes("item", torch.full((N_ITEMS,), D))  # one full row side: nothing to trim
+    assert model.widest_row() == D and model.final_embeddings().shape == (N_USERS + N_ITEMS, D)

@@ -101,9 +101,17 @@ class Recommender(nn.Module):
     def table_weight(self, name: str) -> nn.Parameter:
         return self.ebc.embedding_bags[name].weight
 
-    def masked_table(self, name: str) -> torch.Tensor:
-        """The table with every row cut to its size, as the model consumes it."""
-        return masked_table(self.table_weight(name), self.row_sizes(self.tables[name]))
+    def masked_table(self, name: str, width: int | None = None) -> torch.Tensor:
+        """The table with every row cut to its size, as the model consumes it: [N, width or d_max].
+
+        ``width`` drops trailing columns that no row keeps; it must be at least ``widest_row()``.
+        """
+        weight = self.table_weight(name)
+        return masked_table(weight if width is None else weight[:, :width], self.row_sizes(self.tables[name]))
+
+    def widest_row(self) -> int:
+        """The largest size of any row: from this column on every masked table is zero."""
+        return max(int(self.row_sizes(side).max()) for side in SIDES)
 
     def lookup(self, batch: KeyedJaggedTensor) -> dict[str, torch.Tensor]:
         """Masked ego embeddings per (table, batch key) through the EBC: ``{"user_gmf.user": [B, d], ...}``."""

@@ -87,9 +87,10 @@ class GraphRecommender(Recommender):
         self.adjacency = normalized_adjacency(train)
         self._cache: tuple[torch.Tensor, torch.Tensor] | None = None
 
-    def ego(self) -> torch.Tensor:
-        """Masked layer-0 embeddings of users then items: [n_users + n_items, d_max]."""
-        return torch.cat([self.masked_table("user"), self.masked_table("item")])
+    def ego(self, width: int | None = None) -> torch.Tensor:
+        """Masked layer-0 embeddings of users then items: [n_users + n_items, width or d_max] (``width`` >=
+        ``widest_row()``)."""
+        return torch.cat([self.masked_table("user", width), self.masked_table("item", width)])
 
     def final_embeddings(self) -> torch.Tensor:
         """Final representations of all nodes, users first: [n_users + n_items, d_out]."""
