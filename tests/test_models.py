@@ -216,7 +216,8 @@ def test_gradients_repeat_bit_for_bit_on_two_threads(kind):
     assert all(torch.equal(a, b) for later in grads[1:] for a, b in zip(grads[0], later, strict=True))
 
 
-def test_lightgcn_propagates_only_up_to_the_widest_row_with_the_full_widths_result():
+def test_lightgcn_propagates_only_up_to_the_widest_row_with_the_full_widths_scores_and_gradients():
+    from ciess_prod.models.base import l2_of
     from ciess_prod.models.lightgcn import lightgcn_layers
 
     model = _model("lightgcn")
@@ -224,18 +225,27 @@ def test_lightgcn_propagates_only_up_to_the_widest_row_with_the_full_widths_resu
     model.set_row_sizes("user", torch.randint(1, 6, (N_USERS,), generator=g))
     model.set_row_sizes("item", torch.randint(1, 4, (N_ITEMS,), generator=g))
     assert model.widest_row() == 5
-    assert model.ego(5).shape == (N_USERS + N_ITEMS, 5)
     torch.testing.assert_close(model.ego(5), model.ego()[:, :5], rtol=0, atol=0)
     full_width = lightgcn_layers(model.adjacency, model.ego(), model.config.n_layers)
-    trimmed = model.final_embeddings()
-    assert trimmed.shape == (N_USERS + N_ITEMS, D)
-    torch.testing.assert_close(trimmed, full_width, rtol=1e-6, atol=1e-7)
-    assert bool((trimmed[:, 5:] == 0).all())
-    weights = torch.randn(N_USERS + N_ITEMS, D)
-    grads = [torch.autograd.grad((out * weights).sum(), [model.table_weight(n) for n in model.tables])
-             for out in (lightgcn_layers(model.adjacency, model.ego(), model.config.n_layers),
-                         model.final_embeddings())]
-    for full, cut in zip(*grads, strict=True):
-        torch.testing.assert_close(cut, full, rtol=1e-6, atol=1e-7)
-    model.set_row_sizes("item", torch.full((N_ITEMS,), D))  # one full row side: nothing to trim
+    assert bool((full_width[:, 5:] == 0).all())
+    torch.testing.assert_close(model.final_embeddings(), full_width[:, :5], rtol=1e-6, atol=1e-7)
+
+    def full_width_loss(batch):  # the model's BPR loss computed at d_max, from its masked EBC lookups
+        users, items = lightgcn_layers(model.adjacency, model.ego(), model.config.n_layers).split([N_USERS, N_ITEMS])
+        u, p, n = users[batch["user"].values()], items[batch["pos_item"].values()], items[batch["neg_item"].values()]
+        ego = model.lookup(batch)
+        reg = l2_of(ego["user.user"], ego["item.pos_item"], ego["item.neg_item"])
+        return torch.nn.functional.softplus((u * n).sum(-1) - (u * p).sum(-1)).mean() + 0.1 * reg
+
+    def trimmed_loss(batch):
+        out = model(batch)
+        return torch.nn.functional.softplus(out.neg_scores - out.pos_scores).mean() + 0.1 * out.l2
+
+    tables = [model.table_weight(n) for n in model.tables]
+    model.train()
+    losses = [loss(_batch(3)) for loss in (full_width_loss, trimmed_loss)]
+    torch.testing.assert_close(losses[1], losses[0], rtol=1e-6, atol=1e-7)
+    for full, cut in zip(*(torch.autograd.grad(loss, tables) for loss in losses), strict=True):
+        torch.testing.assert_close(cut, full, rtol=1e-5, atol=1e-8)
+    model.set_row_sizes("item", torch.full((N_ITEMS,), D))  # a full-size side: nothing to trim
     assert model.widest_row() == D and model.final_embeddings().shape == (N_USERS + N_ITEMS, D)

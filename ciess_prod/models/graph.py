@@ -16,7 +16,7 @@ import scipy.sparse as sp
 import torch
 from torchrec import KeyedJaggedTensor
 
-from ciess_prod.models.base import BPROutput, ModelConfig, Recommender, l2_of
+from ciess_prod.models.base import BATCH_KEYS, BPROutput, ModelConfig, Recommender, l2_of
 
 
 def normalized_adjacency(train: sp.csr_matrix, self_loops: bool = False) -> sp.csr_matrix:
@@ -92,9 +92,18 @@ class GraphRecommender(Recommender):
         ``widest_row()``)."""
         return torch.cat([self.masked_table("user", width), self.masked_table("item", width)])
 
-    def final_embeddings(self) -> torch.Tensor:
-        """Final representations of all nodes, users first: [n_users + n_items, d_out]."""
+    def propagation_width(self) -> int:
+        """Columns the layers read: d_max, unless they act on each column alone (LightGCN)."""
+        return self.config.d_max
+
+    def final_from_ego(self, ego: torch.Tensor) -> torch.Tensor:
+        """The model's layers: masked ego embeddings [N, propagation_width()] -> final representations [N, d_out]."""
         raise NotImplementedError
+
+    def final_embeddings(self) -> torch.Tensor:
+        """Final representations of all nodes, users first: [n_users + n_items, d_out] (LightGCN: d_out is the
+        widest row's size)."""
+        return self.final_from_ego(self.ego(self.propagation_width()))
 
     def propagated(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(users, items) final embeddings; cached while evaluating so ranking propagates once."""
@@ -109,13 +118,17 @@ class GraphRecommender(Recommender):
         self._cache = None
 
     def forward(self, batch: KeyedJaggedTensor) -> BPROutput:
-        users, items = self.propagated()
-        ego = self.lookup(batch)
+        ego = self.ego(self.propagation_width())
+        users, items = self.final_from_ego(ego).split([self.n_users, self.n_items])
+        ego_users, ego_items = ego.split([self.n_users, self.n_items])
+        user_ids, pos_ids, neg_ids = (batch[key].values() for key in BATCH_KEYS)
         # index_select, not users[ids]: the advanced-index backward scatters with an accumulation order that varies
-        # between threads, and a search amplifies that last bit (tests/test_models.py, bit_for_bit)
-        u, p, n = (users.index_select(0, batch["user"].values()), items.index_select(0, batch["pos_item"].values()),
-                   items.index_select(0, batch["neg_item"].values()))
-        reg = l2_of(ego["user.user"], ego["item.pos_item"], ego["item.neg_item"])
+        # between threads, and a search amplifies that last bit (tests/test_models.py, bit_for_bit). The L2 term
+        # reads the batch's rows of the ego table the layers start from: the values an EBC lookup would return.
+        reg = l2_of(ego_users.index_select(0, user_ids), ego_items.index_select(0, pos_ids),
+                    ego_items.index_select(0, neg_ids))
+        u = users.index_select(0, user_ids)
+        p, n = items.index_select(0, pos_ids), items.index_select(0, neg_ids)
         return BPROutput((u * p).sum(-1), (u * n).sum(-1), reg)
 
     def score_users(self, users: torch.Tensor) -> torch.Tensor:

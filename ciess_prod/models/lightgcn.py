@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import torch
-from torch.nn import functional as F
 
 from ciess_prod.models.graph import Graph, GraphRecommender, spread
 
@@ -18,10 +17,11 @@ def lightgcn_layers(adjacency: Graph, ego: torch.Tensor, n_layers: int) -> torch
 
 
 class LightGCN(GraphRecommender):
-    def final_embeddings(self) -> torch.Tensor:
-        # Propagation acts on each column alone, so the columns no row keeps stay zero: only the widest row's
-        # columns are propagated (a plan of 20-column users and 3-column items multiplies 20 of 128 columns;
-        # bench/plan_width.py), then the result is padded back to d_max.
-        width = self.widest_row()
-        final = lightgcn_layers(self.adjacency, self.ego(width), self.config.n_layers)
-        return F.pad(final, (0, self.config.d_max - width))
+    def propagation_width(self) -> int:
+        # The layers act on each column alone and score by dot product, so the columns no row keeps, zero in every
+        # row, would stay zero and add nothing: a plan trains at its widest row's width (20 of 128 columns for a
+        # plan of 20-column users and 3-column items; bench/plan_width.py), with the same scores and gradients.
+        return self.widest_row()
+
+    def final_from_ego(self, ego: torch.Tensor) -> torch.Tensor:
+        return lightgcn_layers(self.adjacency, ego, self.config.n_layers)

@@ -42,5 +42,5 @@ class NGCF(GraphRecommender):
         super().__init__(n_users, n_items, config, train)
         self.layers = NGCFLayers(config)
 
-    def final_embeddings(self) -> torch.Tensor:
-        return self.layers(self.adjacency, self.ego())
+    def final_from_ego(self, ego: torch.Tensor) -> torch.Tensor:
+        return self.layers(self.adjacency, ego)
