@@ -172,6 +172,15 @@ def scaling_table() -> None:
               f"| {r['git_sha'][:7]} |")
 
 
+def plan_width_table() -> None:
+    print("| plan | users x items | ms per batch | x full size | validation s | x full size | threads | git |")
+    print("|---|---|---|---|---|---|---|---|")
+    for r in read("plan_width.jsonl"):
+        print(f"| {r['plan']} | {r['user_size']} x {r['item_size']} | {r['ms_per_batch']:.1f} | "
+              f"{r['batch_vs_full']:.2f} | {r['eval_seconds']:.2f} | {r['eval_vs_full']:.2f} | {r['threads']} | "
+              f"{r['git_sha'][:7]} |")
+
+
 def own_size_table() -> None:
     """q by a row's own size (bench/own_size_response.py): one line per run and side, buckets in size order."""
     rows = read("own_size.jsonl")
@@ -272,6 +281,7 @@ TABLES = {
     "lookup": lookup_table,
     "scaling": scaling_table,
     "own-size": own_size_table,
+    "plan-width": plan_width_table,
     "plan-families": plan_families_table,
     "plan-curves": plan_curves_table,
 }
