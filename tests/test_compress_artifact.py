@@ -48,6 +48,20 @@ def test_fp32_scores_equal_the_masked_model_bit_for_bit(kind, one_torch_thread):
     assert torch.equal(compressed.score_users(users), expected)
 
 
+def test_lightgcn_propagates_and_holds_only_the_widest_rows_columns(one_torch_thread):
+    model = sized_model("lightgcn")
+    for side in SIDES:
+        model.set_row_sizes(side, model.row_sizes(side).clamp(max=6))
+    compressed = CompressedRecommender.from_model(model, "fp32")
+    users = torch.arange(120)
+    with torch.no_grad():
+        expected = model.score_users(users)
+    assert torch.equal(compressed.score_users(users), expected)
+    user_final, item_final = compressed.propagated()
+    assert user_final.shape == (120, 6) and item_final.shape == (90, 6)
+    assert compressed.nbytes()["propagated_bytes"] == (120 + 90) * 6 * 4
+
+
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize(("dtype", "tolerance"), [("fp16", 2e-2), ("int8", 0.15), ("int4", 2.5)])
 def test_quantised_scores_stay_close(kind, dtype, tolerance, one_torch_thread):

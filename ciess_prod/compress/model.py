@@ -7,7 +7,8 @@ are dropped. Scores equal the masked model's bit for bit in fp32.
 
 Graph models: the artifact carries the propagation *inputs* (ragged ego tables, adjacency, layer weights), not the
 propagated representations. Propagation mixes rows of every size, so the final representations are dense
-[N, d_max] (NGCF: [N, (layers + 1) d_max]) and would throw the plan's saving away in storage; from the inputs they
+[N, widest row] (LightGCN, whose columns past the widest row stay zero; models/lightgcn.py) or [N, (layers + 1)
+d_max] (NGCF) and would throw the plan's saving away in storage; from the inputs they
 are recomputed exactly, once, when the model first scores (cached: serving keeps them resident, a cost the
 byte accounting reports as ``propagated_bytes``).
 """
@@ -28,6 +29,7 @@ from ciess_prod.models.base import SIDES, Side
 from ciess_prod.models.lightgcn import lightgcn_layers
 from ciess_prod.models.neumf import NeuMF, NeuMFHead
 from ciess_prod.models.ngcf import NGCF, NGCFLayers
+from ciess_prod.models.sizes import widest
 
 GRAPH_KINDS = ("lightgcn", "ngcf")
 TABLES: dict[str, dict[str, Side]] = {
@@ -125,12 +127,20 @@ class CompressedRecommender(nn.Module):
             ego = torch.cat([self.tables["user"].to_dense(), self.tables["item"].to_dense()]).cpu()
             with torch.no_grad():
                 if self.config.kind == "lightgcn":
-                    final = lightgcn_layers(self.adjacency, ego, self.config.n_layers)
+                    final = lightgcn_layers(self.adjacency, ego[:, : self.final_width()], self.config.n_layers)
                 else:
                     head = self.head if device.type == "cpu" else copy.deepcopy(self.head).cpu()
                     final = head(self.adjacency, ego)
             self._propagated = tuple(final.to(device).split([self.n_users, self.n_items]))
         return self._propagated
+
+    def final_width(self) -> int:
+        """Columns of the propagated representations (graph kinds), as the masked model computes them."""
+        if self.config.kind == "lightgcn":
+            return widest(self.row_sizes(side) for side in SIDES)
+        if self.config.kind == "ngcf":
+            return self.config.d_max * (self.config.n_layers + 1)
+        raise ValueError(f"{self.config.kind} does not propagate")
 
     def _apply(self, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool = True) -> CompressedRecommender:
         self._propagated = None  # a device move drops the cached representations
@@ -166,14 +176,15 @@ class CompressedRecommender(nn.Module):
         graph = 0
         if self.adjacency is not None:
             graph = sum(a.nbytes for a in graph_arrays(self.adjacency).values())
-        width = self.config.d_max * (self.config.n_layers + 1 if self.config.kind == "ngcf" else 1)
         return {
             "compressed_bytes": sum(t.nbytes()["total"] for t in tables),
             "ideal_bytes": sum(t.ideal_bytes() for t in tables),
             "dense_bytes": sum(t.dense_bytes() for t in tables),
             "head_bytes": head,
             "graph_bytes": graph,
-            "propagated_bytes": (self.n_users + self.n_items) * width * 4 if self.config.kind in GRAPH_KINDS else 0,
+            "propagated_bytes": (
+                (self.n_users + self.n_items) * self.final_width() * 4 if self.config.kind in GRAPH_KINDS else 0
+            ),
         }
 
 

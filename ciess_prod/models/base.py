@@ -14,7 +14,7 @@ import torch
 from torch import nn
 from torchrec import EmbeddingBagCollection, EmbeddingBagConfig, KeyedJaggedTensor
 
-from ciess_prod.models.sizes import check_sizes, mask_rows, masked_table
+from ciess_prod.models.sizes import check_sizes, mask_rows, masked_table, widest
 
 Side = Literal["user", "item"]
 SIDES: tuple[Side, ...] = ("user", "item")
@@ -111,7 +111,7 @@ class Recommender(nn.Module):
 
     def widest_row(self) -> int:
         """The largest size of any row: from this column on every masked table is zero."""
-        return max(int(self.row_sizes(side).max()) for side in SIDES)
+        return widest(self.row_sizes(side) for side in SIDES)
 
     def lookup(self, batch: KeyedJaggedTensor) -> dict[str, torch.Tensor]:
         """Masked ego embeddings per (table, batch key) through the EBC: ``{"user_gmf.user": [B, d], ...}``."""

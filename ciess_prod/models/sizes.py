@@ -7,6 +7,8 @@ gradient to trailing columns.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 import fbgemm_gpu  # noqa: F401  (registers torch.ops.fbgemm)
 import torch
 
@@ -22,6 +24,11 @@ def check_sizes(sizes: torch.Tensor, n_rows: int, d_max: int, name: str = "sizes
     if n_rows and (int(sizes.min()) < 1 or int(sizes.max()) > d_max):
         raise ValueError(f"{name}: sizes must lie in [1, {d_max}], got [{int(sizes.min())}, {int(sizes.max())}]")
     return sizes.to(torch.int32)
+
+
+def widest(sizes: Iterable[torch.Tensor]) -> int:
+    """The largest size in any of the per-row size vectors: from this column on, every masked table is zero."""
+    return max(int(s.max()) for s in sizes)
 
 
 def mask_rows(embeddings: torch.Tensor, sizes: torch.Tensor) -> torch.Tensor:
