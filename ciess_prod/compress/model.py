@@ -6,11 +6,11 @@ the graph models (LightGCN, NGCF) the normalised training adjacency their propag
 are dropped. Scores equal the masked model's bit for bit in fp32.
 
 Graph models: the artifact carries the propagation *inputs* (ragged ego tables, adjacency, layer weights), not the
-propagated representations. Propagation mixes rows of every size, so the final representations are dense
-[N, widest row] (LightGCN, whose columns past the widest row stay zero; models/lightgcn.py) or [N, (layers + 1)
-d_max] (NGCF) and would throw the plan's saving away in storage; from the inputs they
-are recomputed exactly, once, when the model first scores (cached: serving keeps them resident, a cost the
-byte accounting reports as ``propagated_bytes``).
+propagated representations. Propagation mixes rows of every size, so the final representations are dense,
+[N, widest row's size] for LightGCN (its later columns stay zero; models/lightgcn.py) and [N, (layers + 1) d_max]
+for NGCF, and would throw the plan's saving away in storage; from the inputs they are recomputed exactly, once,
+when the model first scores (cached: serving keeps them resident, a cost the byte accounting reports as
+``propagated_bytes``).
 """
 
 from __future__ import annotations
