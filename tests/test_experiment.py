@@ -172,7 +172,8 @@ def test_committed_configs_load():
             assert isinstance(load_yaml(ShardedSearchExperimentConfig, path), ShardedSearchExperimentConfig), path
 
 
-SINGLE_PROCESS_ONLY = {"ml1m-search-scaled.yaml", "ml1m-search-tracked.yaml"}  # fill_budget etc.: one process
+# fill_budget etc.: one process only
+SINGLE_PROCESS_ONLY = {"ml1m-search-scaled.yaml", "ml1m-search-tracked.yaml", "ml1m-search-even.yaml"}
 
 
 def test_cli_fetch_fails_cleanly_offline(tmp_path, capsys, monkeypatch):
