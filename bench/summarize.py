@@ -88,6 +88,8 @@ def method_label(r: dict) -> str:
         label += f" basis={r['reference_basis']}"
     if r.get("probe_top"):
         label += f" probe={r['probe_top']}"
+    if r.get("probe_spread"):
+        label += f" spread={r['probe_spread']:g}"
     if r.get("penalty_control") not in (None, "fixed"):
         label += f" λ:{r['penalty_control']}"
     if r.get("penalty_gain"):

@@ -19,10 +19,10 @@ from ciess_prod.eval.metrics import item_hit_quality
 from ciess_prod.models import SIDES, ModelConfig, build_model, sparsity
 from ciess_prod.search import DimensionPlan
 from ciess_prod.search.baselines import frequency_sizes, random_sizes
-from ciess_prod.search.config import SearchConfig, SearchExperimentConfig
+from ciess_prod.search.config import SPREAD_DEPTH, SearchConfig, SearchExperimentConfig
 from ciess_prod.search.environment import EnvironmentConfig, SizeEnvironment
 from ciess_prod.search.exploration import ExplorationConfig
-from ciess_prod.search.plan import budget_for
+from ciess_prod.search.plan import PlanError, budget_for
 from ciess_prod.search.record import ConfigurationRecord, Visited
 from ciess_prod.search.search import PENALTY_RANGE, STATE_FILE, build_states, next_penalty, reward_terms, run_search
 from ciess_prod.search.selection import budget_candidates
@@ -287,6 +287,45 @@ def test_probes_rank_the_candidates_by_a_short_retraining(tmp_path):
     for visited, recall in zip(probe_pool(loosest, record, 0.8), (0.40, 0.10, 0.20), strict=True):
         probes.put(visited.sizes, CandidateFit(val={"recall@20": recall}, best_batches=20, seconds=1.0))
     assert [v.step for v in budget_candidates(loosest, record, 0.8, probes)[0]] == [1, 3]
+
+
+def test_probe_spread_pools_distinct_prepared_plans_only(tmp_path):
+    """`probe_spread`: the pool skips configurations whose prepared (filled, evened) sizes lie within the spacing of
+    one pooled before, so near-copies of one split do not fill it; the record keeps a deeper list to draw from."""
+    from ciess_prod.search.candidates import CandidateFit, CandidateFits
+    from ciess_prod.search.plan import size_distance
+    from ciess_prod.search.selection import probe_members
+
+    with pytest.raises(ValueError, match="probe_spread spaces the probe's pool"):
+        SearchConfig(probe_spread=0.1)
+    with pytest.raises(ValueError, match="probe_spread is a share of columns"):
+        SearchConfig(top_l=1, probe_top=2, probe_spread=-0.1)
+    assert SearchConfig(top_l=1, probe_top=2, probe_spread=0.1).recorded == 2 * SPREAD_DEPTH
+    a = {"user": torch.tensor([4, 4]), "item": torch.tensor([2, 2])}
+    b = {"user": torch.tensor([3, 3]), "item": torch.tensor([3, 3])}
+    assert size_distance(a, a) == 0 and size_distance(a, b) == pytest.approx(4 / 12)
+    with pytest.raises(PlanError, match="same tables and rows"):
+        size_distance(a, {"user": torch.tensor([4, 4])})
+
+    def visited(step: int, user: int, item: int, q: float) -> Visited:  # d_max 16, 5 users and 4 items
+        return Visited(step, 1 - (5 * user + 4 * item) / (9 * 16), q,
+                       {"user": torch.full((5,), user), "item": torch.full((4,), item)})
+
+    record = ConfigurationRecord((0.5,), keep=2 * SPREAD_DEPTH)
+    # steps 1-3 split the budget alike (4 item columns move at most); step 4 gives items most of it
+    for v in (visited(1, 6, 2, 0.9), visited(2, 6, 3, 0.85), visited(3, 5, 2, 0.8), visited(4, 2, 8, 0.6)):
+        record.add(v)
+    spaced = dataclasses.replace(TINY, search=dataclasses.replace(
+        TINY.search, budgets=(0.5,), top_l=1, probe_top=2, fill_budget=True, within_side="even", probe_spread=0.2))
+    near = dataclasses.replace(spaced, search=dataclasses.replace(spaced.search, probe_spread=0.0))
+    assert [v.step for v, _ in probe_members(near, record, 0.5)] == [1, 2]  # by mean q: two near-copies
+    members = probe_members(spaced, record, 0.5)
+    assert [v.step for v, _ in members] == [1, 4]
+    assert size_distance(members[0][1].sizes, members[1][1].sizes) >= 0.2
+    probes = CandidateFits(tmp_path / "probes", {"probe": True})
+    for (_, probed), recall in zip(members, (0.1, 0.3), strict=True):
+        probes.put(probed.sizes, CandidateFit(val={"recall@20": recall}, best_batches=20, seconds=1.0))
+    assert [v.step for v in budget_candidates(spaced, record, 0.5, probes)[0]] == [4]  # the spaced probe won
 
 
 def test_probed_search_retrains_each_probe_once_in_one_process_or_workers(tmp_path, monkeypatch):
@@ -741,7 +780,6 @@ def test_restarts_pool_their_records_and_probe_each_restarts_best(tmp_path):
     """Pooled records keep every restart's configurations, tagged with the restart and ranked by mean q; the probe
     pool takes each restart's best `probe_top`, and the candidates are ranked by probe across restarts."""
     from ciess_prod.search.candidates import CandidateFit, CandidateFits
-    from ciess_prod.search.record import leading_per_restart
     from ciess_prod.search.selection import probe_pool
 
     with pytest.raises(ValueError, match="restarts must be >= 1"):
@@ -761,7 +799,6 @@ def test_restarts_pool_their_records_and_probe_each_restarts_best(tmp_path):
     alone = ConfigurationRecord.pooled([first])  # what a search without restarts selects from: its own record
     assert alone.keep == first.keep and alone.sparsest == first.sparsest
     assert [(v.restart, v.step) for v in alone.best[0.5]] == [(0, v.step) for v in first.best[0.5]]
-    assert [(v.restart, v.step) for v in leading_per_restart(pooled.best[0.5], 1)] == [(1, 0), (0, 0)]
     reloaded = ConfigurationRecord((0.5,), keep=4)
     reloaded.load_state_dict(pooled.state_dict())
     assert [(v.restart, v.step) for v in reloaded.best[0.5]] == [(1, 0), (0, 0), (0, 1), (1, 1)]

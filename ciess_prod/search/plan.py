@@ -395,6 +395,15 @@ def even_within_tables(sizes: Mapping[str, torch.Tensor], d_max: int) -> dict[st
     return out
 
 
+def size_distance(a: Mapping[str, torch.Tensor], b: Mapping[str, torch.Tensor]) -> float:
+    """How far plan b's sizes lie from plan a's: the columns that differ row by row (L1 over every table) as a share
+    of a's columns. Two evened plans of one budget lie ``2 x`` the share of columns they move between tables apart."""
+    if a.keys() != b.keys() or any(a[t].shape != b[t].shape for t in a):
+        raise PlanError(f"size_distance compares plans of the same tables and rows, got {sorted(a)} and {sorted(b)}")
+    moved = sum(int((a[t].to(torch.int64) - b[t].to(torch.int64)).abs().sum()) for t in a)
+    return moved / max(1, sum(int(a[t].to(torch.int64).sum()) for t in a))
+
+
 def _largest_fitting(scaled: Callable[[float], torch.Tensor], budget: int, lo: float, hi: float) -> float:
     """The largest factor in [lo, hi] (to (hi - lo) 2**-60) whose ``scaled(factor)`` total fits; ``lo`` must fit."""
     if int(scaled(hi).sum()) <= budget:

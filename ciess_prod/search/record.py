@@ -5,7 +5,6 @@ restart; ``pooled`` joins them); the plan selection reads it."""
 from __future__ import annotations
 
 import dataclasses
-from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -60,13 +59,3 @@ class ConfigurationRecord:
         self.best = {c: [Visited(**v) for v in state["best"][str(c)]] for c in self.budgets}
         self.sparsest = Visited(**state["sparsest"]) if state["sparsest"] else None
 
-
-def leading_per_restart(visited: Sequence[Visited], n: int) -> list[Visited]:
-    """The first ``n`` of every restart's configurations, in their order (one restart: the first ``n``)."""
-    taken: Counter[int] = Counter()
-    leading = []
-    for v in visited:
-        if taken[v.restart] < n:
-            leading.append(v)
-            taken[v.restart] += 1
-    return leading

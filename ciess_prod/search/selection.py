@@ -28,8 +28,9 @@ from ciess_prod.search.plan import (
     even_within_tables,
     fill_to_budget,
     repair_to_budget,
+    size_distance,
 )
-from ciess_prod.search.record import ConfigurationRecord, Visited, leading_per_restart
+from ciess_prod.search.record import ConfigurationRecord, Visited
 from ciess_prod.train.checkpoint import save_checkpoint
 from ciess_prod.train.protocol import fit_on_train, score_with_protocol
 
@@ -259,10 +260,10 @@ def budget_candidates(
     if search.probe_top:
         if probes is None:
             raise ValueError("search.probe_top ranks the candidates by their probes: pass the probe store")
-        pool = leading_per_restart(visited, search.probe_top)  # probe_pool's, before it is prepared
-        scores = [probe_score(probes, v) for v in probe_pool(config, record, c)]
+        members = probe_members(config, record, c)
+        scores = [probe_score(probes, probed) for _, probed in members]
         order = sorted(range(len(scores)), key=lambda i: -scores[i])  # stable: ties keep the order by mean q
-        visited = [pool[i] for i in order]
+        visited = [members[i][0] for i in order]
     return [prepared(config, v, c) for v in visited[: search.top_l]], False
 
 
@@ -285,13 +286,31 @@ def evened(config: SearchExperimentConfig, visited: Visited) -> Visited:
 
 
 def probe_pool(config: SearchExperimentConfig, record: ConfigurationRecord, c: float) -> list[Visited]:
-    """The configurations ``probe_top`` retrains briefly to rank budget c's candidates: each restart's best
-    ``probe_top`` by mean q of the budget they come from, prepared for that budget. Under ``candidates_from:
-    loosest`` every budget shares the loosest budget's pool, so its probes run once. Empty without ``probe_top``."""
-    if not config.search.probe_top:
+    """The configurations ``probe_top`` retrains briefly to rank budget c's candidates, prepared for the budget they
+    come from (``probe_members``). Under ``candidates_from: loosest`` every budget shares the loosest budget's pool,
+    so its probes run once. Empty without ``probe_top``."""
+    return [probed for _, probed in probe_members(config, record, c)]
+
+
+def probe_members(
+    config: SearchExperimentConfig, record: ConfigurationRecord, c: float
+) -> list[tuple[Visited, Visited]]:
+    """Budget c's probe pool as (visited, prepared for its source budget) pairs: each restart's best ``probe_top`` by
+    mean q, skipping any whose prepared sizes lie within ``probe_spread`` (``size_distance``) of one that restart
+    pooled before. Spacing 0 takes each restart's first ``probe_top``."""
+    search = config.search
+    if not search.probe_top:
         return []
     source = source_budget(config, c)
-    return [prepared(config, v, source) for v in leading_per_restart(record.best[source], config.search.probe_top)]
+    members: list[tuple[Visited, Visited]] = []
+    for visited in record.best[source]:  # by mean q, restarts interleaved
+        own = [probed for v, probed in members if v.restart == visited.restart]
+        if len(own) == search.probe_top:
+            continue
+        probed = prepared(config, visited, source)
+        if all(size_distance(o.sizes, probed.sizes) >= search.probe_spread for o in own):
+            members.append((visited, probed))
+    return members
 
 
 def source_budget(config: SearchExperimentConfig, c: float) -> float:
