@@ -157,7 +157,8 @@ def test_compare_table_takes_the_latest_epoch_row_per_method_and_budget(monkeypa
             {**row("ciess", 0.95, 0.12, 0.96), "size_penalty": 2.0, "item_quality": "hits", "random_steps": 20},
             {**row("ciess", 0.95, 0.11, 0.95), "reference_basis": "trained"},
             {**row("ciess", 0.9, 0.14, 0.9), "reference_basis": "principal"},
-            {**row("ciess", 0.9, 0.16, 0.9), "probe_top": 6, "probe_spread": 0.2, "penalty_control": "loosest"},
+            {**row("ciess", 0.9, 0.16, 0.9), "probe_top": 6, "probe_spread": 0.2, "candidates_from": "budget",
+             "penalty_control": "loosest"},
             {**row("ciess", 0.9, 0.17, 0.9), "probe_top": 0, "probe_spread": 0.0, "penalty_control": "fixed"},
             row("full", 0.0, 0.5, 0.0), row("es", 0.8, 0.9, 0.8, model="ngcf"),
             {**row("es", 0.8, 0.21, 0.805), "seed": 1}, {**row("es", 0.8, 0.19, 0.805), "seed": 0}]
@@ -165,8 +166,8 @@ def test_compare_table_takes_the_latest_epoch_row_per_method_and_budget(monkeypa
     summarize.ml1m_compare_table()
     lines = capsys.readouterr().out.splitlines()
     # the default settings' rows stay `ciess`; another seed gets its own column beside seed 0's
-    labels = ["es", "es seed=1", "ciess", "ciess basis=principal", "ciess probe=6 spread=0.2 λ:loosest", "ciess λ=2",
-              "ciess λ=2 items=hits", "ciess λ=2 items=hits random=20", "ciess λ=2 γ=0"]
+    labels = ["es", "es seed=1", "ciess", "ciess basis=principal", "ciess probe=6 spread=0.2 per-budget λ:loosest",
+              "ciess λ=2", "ciess λ=2 items=hits", "ciess λ=2 items=hits random=20", "ciess λ=2 γ=0"]
     assert lines[0] == "| c | " + " | ".join(labels) + " |"
     assert lines[2] == ("| 0.8 | 0.1900 / 0.3800 (0.805) | 0.2100 / 0.4200 (0.805) | - | - | - | - | - | - "
                         "| 0.3000 / 0.6000 (0.820) |")
