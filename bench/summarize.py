@@ -90,7 +90,7 @@ def method_label(r: dict) -> str:
         label += f" probe={r['probe_top']}"
     if r.get("probe_spread"):
         label += f" spread={r['probe_spread']:g}"
-    if r.get("probe_top") and r.get("candidates_from") == "budget":  # probed searches here rank the loosest pool
+    if r.get("probe_top") and r.get("candidates_from") == "budget":  # the probed configs rank the loosest pool
         label += " per-budget"
     if r.get("penalty_control") not in (None, "fixed"):
         label += f" λ:{r['penalty_control']}"

@@ -22,8 +22,8 @@ from ciess_prod.train.trainer import TrainConfig
 SELECTION_SETTINGS = ("top_l", "fill_budget", "candidates_from", "within_side", "probe_top", "probe_batches",
                       "probe_spread", "restarts")
 
-# under probe_spread the record keeps this many times probe_top configurations per budget (int16 per row each: 48
-# configurations of ML-1M's 9,746 rows are 0.9 MB), from which the spaced pool is drawn
+# under probe_spread the record keeps this many times probe_top configurations per budget, from which the spaced
+# pool is drawn (int16 per row each: at probe_top 6, 48 of ML-1M's 9,746 rows are 0.9 MB per budget)
 SPREAD_DEPTH = 8
 
 
