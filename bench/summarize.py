@@ -86,6 +86,8 @@ def method_label(r: dict) -> str:
         label += f" random={r['random_steps']}"
     if r.get("reference_basis") not in (None, "trained"):
         label += f" basis={r['reference_basis']}"
+    if r.get("top_l", 1) > 1:  # rows before the key was recorded: their configs' top_l (docs/benchmarks.md)
+        label += f" top={r['top_l']}"
     if r.get("probe_top"):
         label += f" probe={r['probe_top']}"
     if r.get("probe_spread"):

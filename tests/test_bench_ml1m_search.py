@@ -183,6 +183,10 @@ def test_compare_table_takes_the_latest_epoch_row_per_method_and_budget(monkeypa
     damped = {**row("ciess", 0.8, 0.2, 0.8), "penalty_control": "signed", "penalty_gain": 1.5, "seed": 2}
     assert summarize.method_label(damped) == "ciess λ:signed Kp=1.5 seed=2"
     assert summarize.method_label({**damped, "penalty_gain": 0.0}) == "ciess λ:signed seed=2"
+    # the paper's top-l shows once more than one candidate per budget was fitted in full
+    assert summarize.method_label({**damped, "top_l": 1}) == "ciess λ:signed Kp=1.5 seed=2"
+    top3 = {**damped, "top_l": 3, "probe_top": 6}
+    assert summarize.method_label(top3) == "ciess top=3 probe=6 λ:signed Kp=1.5 seed=2"
     assert summarize.method_label({**damped, "l2": 1e-3}) == "ciess λ:signed Kp=1.5 L2=0.001 seed=2"
     assert summarize.method_label({**damped, "l2": summarize.DEFAULT_L2}) == summarize.method_label(damped)
     assert summarize.method_label({**damped, "restarts": 3}) == "ciess λ:signed Kp=1.5 seed=2 restarts=3"
@@ -283,6 +287,7 @@ def test_the_bench_retrains_budgets_in_workers_and_records_it(tmp_path, one_torc
     for r in rows:
         plan = DimensionPlan.load(tmp_path / "run" / "plans" / f"c{r['target_sparsity']:.2f}")
         assert r["recall@20"] == plan.metrics["test"]["recall@20"] and r["retrain_workers"] == 2
+        assert r["top_l"] == config.search.top_l and r["probe_spread"] == config.search.probe_spread
         assert 0 < r["retrain_seconds"] and 0 < r["process_seconds"]
 
 
