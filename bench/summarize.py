@@ -86,13 +86,13 @@ def method_label(r: dict) -> str:
         label += f" random={r['random_steps']}"
     if r.get("reference_basis") not in (None, "trained"):
         label += f" basis={r['reference_basis']}"
-    if r.get("top_l", 1) > 1:  # rows before the key was recorded: their configs' top_l (docs/benchmarks.md)
+    if r.get("top_l", 1) > 1:  # rows written before top_l was recorded carry no label: docs/benchmarks.md names them
         label += f" top={r['top_l']}"
     if r.get("probe_top"):
         label += f" probe={r['probe_top']}"
     if r.get("probe_spread"):
         label += f" spread={r['probe_spread']:g}"
-    if r.get("probe_top") and r.get("candidates_from") == "budget":  # the probed configs rank the loosest pool
+    if r.get("probe_top") and r.get("candidates_from") == "budget":  # otherwise every budget probes the loosest pool
         label += " per-budget"
     if r.get("penalty_control") not in (None, "fixed"):
         label += f" λ:{r['penalty_control']}"
