@@ -10,8 +10,8 @@ process times a whole search. `--size-penalty`, `--gamma`, `--item-quality`, `--
 `--probe-top`, `--penalty-control`, `--penalty-gain` and `--seed` run them at another lambda, TD3 discount, eval(item),
 random warm-up, warm reference basis, candidate ranking, lambda control, lambda's proportional gain or search seed (rows
 record them as `size_penalty`, `gamma`, `item_quality`, `random_steps`, `reference_basis`, `probe_top`,
-`penalty_control`, `penalty_gain` and `seed`; and the config's `top_l`, `probe_spread`, `fill_budget`,
-`candidates_from` and `within_side`).
+`penalty_control`, `penalty_gain` and `seed`; and the config's `top_l`, `probe_spread`, `probe` (with `probe_l2`
+when full), `fill_budget`, `candidates_from` and `within_side`).
 `--restarts K` runs K searches at successive seeds and chooses every budget's plan from all of them (rows record
 `restarts` and the chosen plan's `chosen_seed`). `--retrain-l2 W ..`, `--retrain-max-batches` and `--retrain-patience`
 (or the config's `retrain`) fit every candidate, `mr` and `freq` at each L2 weight and test the best on validation, in
@@ -332,7 +332,8 @@ def main(argv: list[str] | None = None) -> int:
                              random_steps=config.search.exploration.random_steps,
                              reference_basis=config.search.environment.reference_basis,
                              top_l=config.search.top_l, probe_top=config.search.probe_top,
-                             probe_spread=config.search.probe_spread,
+                             probe_spread=config.search.probe_spread, probe=config.search.probe,
+                             **({"probe_l2": config.search.probe_l2} if config.search.probe == "full" else {}),
                              penalty_control=config.search.penalty_control,
                              penalty_gain=config.search.penalty_gain,
                              fill_budget=config.search.fill_budget, candidates_from=config.search.candidates_from,

@@ -94,6 +94,8 @@ def method_label(r: dict) -> str:
         label += f" spread={r['probe_spread']:g}"
     if r.get("probe_top") and r.get("candidates_from") == "budget":  # otherwise every budget probes the loosest pool
         label += " per-budget"
+    if r.get("probe") == "full":  # every budget ranks the pool by full fits at this weight
+        label += f" full@{r['probe_l2']:g}"
     if r.get("penalty_control") not in (None, "fixed"):
         label += f" λ:{r['penalty_control']}"
     if r.get("penalty_gain"):

@@ -187,6 +187,9 @@ def test_compare_table_takes_the_latest_epoch_row_per_method_and_budget(monkeypa
     assert summarize.method_label({**damped, "top_l": 1}) == "ciess λ:signed Kp=1.5 seed=2"
     top3 = {**damped, "top_l": 3, "probe_top": 6}
     assert summarize.method_label(top3) == "ciess top=3 probe=6 λ:signed Kp=1.5 seed=2"
+    full = {**top3, "top_l": 1, "probe": "full", "probe_l2": 1e-3}  # the default short probe carries no label
+    assert summarize.method_label(full) == "ciess probe=6 full@0.001 λ:signed Kp=1.5 seed=2"
+    assert summarize.method_label({**top3, "probe": "short"}) == summarize.method_label(top3)
     assert summarize.method_label({**damped, "l2": 1e-3}) == "ciess λ:signed Kp=1.5 L2=0.001 seed=2"
     assert summarize.method_label({**damped, "l2": summarize.DEFAULT_L2}) == summarize.method_label(damped)
     assert summarize.method_label({**damped, "restarts": 3}) == "ciess λ:signed Kp=1.5 seed=2 restarts=3"
@@ -288,6 +291,7 @@ def test_the_bench_retrains_budgets_in_workers_and_records_it(tmp_path, one_torc
         plan = DimensionPlan.load(tmp_path / "run" / "plans" / f"c{r['target_sparsity']:.2f}")
         assert r["recall@20"] == plan.metrics["test"]["recall@20"] and r["retrain_workers"] == 2
         assert r["top_l"] == config.search.top_l and r["probe_spread"] == config.search.probe_spread
+        assert r["probe"] == "short" and "probe_l2" not in r  # the full probe's weight only where it ran
         assert 0 < r["retrain_seconds"] and 0 < r["process_seconds"]
 
 

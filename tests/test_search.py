@@ -365,6 +365,87 @@ def test_probed_search_retrains_each_probe_once_in_one_process_or_workers(tmp_pa
             "selection"]
 
 
+def test_full_probes_rank_the_pool_per_budget_at_one_retrain_weight(tmp_path):
+    """`probe: full`: the pool is the short probe's (spaced at the source budget), but each member is probed as
+    prepared for the budget it serves, so each budget ranks it by its own fits; probe_l2 must be a retrain weight."""
+    from ciess_prod.search.candidates import CandidateFit, CandidateFits
+    from ciess_prod.search.selection import probe_config, probe_members
+    from ciess_prod.train.protocol import RetrainConfig
+
+    with pytest.raises(ValueError, match="it needs probe_top > 0 and probe_l2"):
+        SearchConfig(top_l=1, probe_top=2, probe="full")
+    with pytest.raises(ValueError, match="it needs probe_top > 0 and probe_l2"):
+        SearchConfig(probe="full", probe_l2=1e-3)
+    with pytest.raises(ValueError, match="probe_l2 is the full probes' weight"):
+        SearchConfig(top_l=1, probe_top=2, probe_l2=1e-3)
+    full = SearchConfig(budgets=(0.5, 0.8), top_l=1, probe_top=2, probe="full", probe_l2=1e-3,
+                        candidates_from="loosest", fill_budget=True)
+    with pytest.raises(ValueError, match=r"probe_l2 0.001 must be one of the retrain weights \[0.0001, 0.0003\]"):
+        SearchExperimentConfig(search=full, retrain=RetrainConfig(l2=(1e-4, 3e-4)))
+    config = dataclasses.replace(TINY, search=full, retrain=RetrainConfig(l2=(1e-4, 1e-3), max_batches=60))
+    assert probe_config(config).train.l2 == 1e-3 and probe_config(config).train.max_batches == 60  # a fit's recipe
+    short = dataclasses.replace(config, search=dataclasses.replace(full, probe="short", probe_l2=None))
+    record = ConfigurationRecord((0.5, 0.8), keep=2)
+    for step, user, item, q in ((1, 6, 2, 0.9), (2, 2, 6, 0.8)):  # d_max 16: two splits, both meeting 0.5
+        record.add(Visited(step, 1 - (5 * user + 4 * item) / (9 * 16), q,
+                           {"user": torch.full((5,), user), "item": torch.full((4,), item)}))
+    probes = CandidateFits(tmp_path / "fits", {"fit": True})
+    chosen = {}
+    for c, recalls in ((0.5, (0.3, 0.1)), (0.8, (0.1, 0.3))):  # the users-heavy split wins 0.5, the other 0.8
+        members = probe_members(config, record, c)
+        assert [v.step for v, _ in members] == [v.step for v, _ in probe_members(short, record, c)] == [1, 2]
+        for (_, probed), recall in zip(members, recalls, strict=True):
+            assert sparsity(list(probed.sizes.values()), 16) >= c  # prepared for c, not for the source 0.5
+            probes.put(probed.sizes, CandidateFit(val={"recall@20": recall}, best_batches=20, seconds=1.0))
+        (chosen[c],), _ = budget_candidates(config, record, c, probes)
+        assert all(torch.equal(chosen[c].sizes[s], members[recalls.index(0.3)][1].sizes[s]) for s in SIDES)
+    assert [chosen[c].step for c in (0.5, 0.8)] == [1, 2]
+    for (_, at_source), (_, at_budget), (_, as_short) in zip(  # a short probe trains the source budget's sizes
+            probe_members(config, record, 0.5), probe_members(config, record, 0.8), probe_members(short, record, 0.8),
+            strict=True):
+        assert all(torch.equal(at_source.sizes[s], as_short.sizes[s]) for s in SIDES)
+        assert not all(torch.equal(at_budget.sizes[s], as_short.sizes[s]) for s in SIDES)
+
+
+def test_full_probed_search_fits_each_pool_member_once_per_budget(tmp_path, monkeypatch):
+    """A search under `probe: full` fits every pool member of every budget once at probe_l2 and only the chosen
+    candidates at the other weight, never a fit twice; one process and workers choose the same plans."""
+    from ciess_prod.search import selection
+    from ciess_prod.search.candidates import fit_key
+    from ciess_prod.train.protocol import RetrainConfig
+
+    config = dataclasses.replace(
+        _tiny(tmp_path, "full-probed", top_l=1, probe_top=2, probe="full", probe_l2=1e-4, candidates_from="loosest",
+              fill_budget=True),
+        retrain=RetrainConfig(l2=(5.0, 1e-4), max_batches=60, patience=2))
+    fitted = []
+    real_fit = selection.fit_candidate
+    monkeypatch.setattr(selection, "fit_candidate", lambda recipe, d, sizes, fits: fitted.append(
+        (recipe.train.l2, recipe.train.max_batches, fit_key(fits.recipe, sizes))) or real_fit(recipe, d, sizes, fits))
+    assert run_search(config)["finished"]
+    assert len(set(fitted)) == len(fitted) and {n for _, n, _ in fitted} == {60}  # no fit twice, none short
+    record = ConfigurationRecord(tuple(config.search.budgets), config.search.recorded)
+    record.load_state_dict(torch.load(Path(config.output_dir) / STATE_FILE, weights_only=True)["record"])
+    dataset = load_dataset(config.data, ROOT)
+    stores = {v.train.l2: selection.candidate_fits(v, dataset, Path(config.output_dir))
+              for v in selection.fit_configs(config)}
+    for c in config.search.budgets:
+        pool = selection.probe_pool(config, record, c)
+        assert len(pool) == 2 and all(stores[1e-4].get(v.sizes) is not None for v in pool)
+        plan = DimensionPlan.load(Path(config.output_dir) / "plans" / f"c{c:.2f}")
+        assert stores[5.0].get(plan.sizes) is not None  # the chosen candidate, at the other weight too
+        assert plan.metrics["selection"]["probe_recall@20"] == stores[1e-4].get(plan.sizes).val["recall@20"]
+    at_other = [key for l2, _, key in fitted if l2 == 5.0]
+    assert len(at_other) == len(set(at_other)) <= len(config.search.budgets)
+    parallel = _steps_of(config, tmp_path / "full-probed-workers")
+    assert run_search(parallel, resume=True, retrain_workers=2)["finished"]
+    for c in config.search.budgets:
+        a = DimensionPlan.load(Path(config.output_dir) / "plans" / f"c{c:.2f}")
+        b = DimensionPlan.load(Path(parallel.output_dir) / "plans" / f"c{c:.2f}")
+        assert all(torch.equal(a.sizes[s], b.sizes[s]) for s in SIDES)
+        assert b.metrics["test"] == pytest.approx(a.metrics["test"], abs=1e-9)
+
+
 def test_states_and_rewards_follow_the_paper():
     pop = torch.tensor([-1.0, 0.0, 1.0])
     states = build_states(pop, torch.tensor([1, 64, 128]), torch.tensor([0.2, 0.5, 1.0]), d_max=128)

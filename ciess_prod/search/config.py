@@ -20,7 +20,7 @@ from ciess_prod.train.trainer import TrainConfig
 # ciess_fill, ciess_scaled and ciess_even retrain a finished search's steps with other ones); `restarts` adds or drops
 # whole searches beside this one, each saved with its own steps
 SELECTION_SETTINGS = ("top_l", "fill_budget", "candidates_from", "within_side", "probe_top", "probe_batches",
-                      "probe_spread", "restarts")
+                      "probe_spread", "probe", "probe_l2", "restarts")
 
 # under probe_spread the record keeps this many times probe_top configurations per budget, from which the spaced
 # pool is drawn (int16 per row each: at probe_top 6, 48 of ML-1M's 9,746 rows are 0.9 MB per budget)
@@ -50,6 +50,12 @@ class SearchConfig:
     # one pooled before (size_distance: the share of columns that differ). The warm steps revisit near-copies of one
     # split between users and items, so the best probe_top by mean q may be one plan six times. 0: no spacing [I]
     probe_spread: float = 0.0
+    # short: each pool member retrains for probe_batches at train's recipe, prepared for the pool's source budget, so
+    # one probe ranks it for every budget. full: each retrains to convergence at the retrain weight probe_l2, prepared
+    # for the budget it serves, so every budget ranks the pool itself and its top_l reuse that fit. On ML-1M the short
+    # probe ranked the users-heavy split last where its full fit won c = 0.95 by 5% (docs/benchmarks.md) [I]
+    probe: Literal["short", "full"] = "short"
+    probe_l2: float | None = None  # the retrain L2 weight the full probes fit at (one of retrain.l2) [I]
     # fixed: lambda stays size_penalty [P]. loosest: after every step lambda takes a dual-ascent step (next_penalty)
     # so that the visited sparsity tracks the loosest budget plus penalty_margin: a fixed lambda meets the budgets only
     # where the actor happens to settle, which differs between seeds [I]. signed: the same step on lambda itself,
@@ -99,6 +105,11 @@ class SearchConfig:
             raise ValueError(f"probe_spread is a share of columns in [0, 2], got {self.probe_spread}")
         if self.probe_spread and not self.probe_top:
             raise ValueError("probe_spread spaces the probe's pool: it needs probe_top > 0")
+        if self.probe == "full" and (not self.probe_top or self.probe_l2 is None):
+            raise ValueError("probe 'full' fits the probe's pool at probe_l2: it needs probe_top > 0 and probe_l2")
+        if self.probe == "short" and self.probe_l2 is not None:
+            raise ValueError("probe_l2 is the full probes' weight: it needs probe 'full' (short probes train at "
+                             "train.l2)")
         if not self.penalty_rate > 0:
             raise ValueError(f"penalty_rate must be > 0, got {self.penalty_rate}")
         if not self.penalty_gain >= 0:
@@ -148,3 +159,7 @@ class SearchExperimentConfig:
             raise ValueError(
                 f"search.budgets {impossible} leave less than one column per row at d_max {self.model.d_max}"
             )
+        weights = [recipe.l2 for recipe in self.retrain.recipes(self.train)]
+        if self.search.probe == "full" and self.search.probe_l2 not in weights:
+            raise ValueError(f"search.probe_l2 {self.search.probe_l2} must be one of the retrain weights {weights}: "
+                             "the full probe is one of the candidates' fits")

@@ -87,7 +87,7 @@ def retrain_in_workers(
 ) -> None:
     """Retrains ``budgets`` in up to ``workers`` spawned processes sharing this process's threads.
 
-    Under ``final`` the unit of work is one short probe or one candidate's fit at one of ``retrain``'s recipes, not
+    Under ``final`` the unit of work is one probe or one candidate's fit at one of ``retrain``'s recipes, not
     one budget: every budget's unrun probes (each distinct one once) are queued first; once a budget's probes are
     stored its candidates are known and their unfitted fits are queued; once those are stored its test protocol is
     queued, reading their outcomes from the stores. Three budgets on two workers then leave no worker idle for a
@@ -95,7 +95,9 @@ def retrain_in_workers(
     failure is raised here, naming its budgets, after the other work has finished (their plans stay saved).
     """
     out = Path(config.output_dir)
-    configs = {"probe": probe_config(config)} | {fit_kind(v): v for v in fit_configs(config)}
+    # a full probe is a fit at probe_l2, so it is the same unit as that fit (no budget queues it twice)
+    probe_kind = "probe" if config.search.probe == "short" else fit_kind(probe_config(config))
+    configs = {probe_kind: probe_config(config)} | {fit_kind(v): v for v in fit_configs(config)}
     stores = {kind: candidate_fits(v, dataset, out) for kind, v in configs.items()}
     errors: dict[float, BaseException] = {}
     waiting: dict[float, set[tuple[str, str]]] = {c: set() for c in budgets}  # the (kind, key)s a budget waits for
@@ -111,8 +113,8 @@ def retrain_in_workers(
             while not waiting[c] and stage[c] != "test":
                 probing = stage[c] == "probe"
                 needed = probe_pool(config, record, c) if probing else budget_candidates(
-                    config, record, c, stores["probe"])[0]
-                kinds = ["probe"] if probing else [k for k in configs if k != "probe"]
+                    config, record, c, stores[probe_kind])[0]
+                kinds = [probe_kind] if probing else [k for k in configs if k != "probe"]
                 stage[c] = "fit" if probing and reads_fits else "test"
                 for visited in needed:
                     for kind in kinds:
@@ -188,7 +190,8 @@ def candidate_fits(config: SearchExperimentConfig, dataset: RecDataset, out: Pat
 
 
 def probe_fits(config: SearchExperimentConfig, dataset: RecDataset, out: Path) -> CandidateFits:
-    """The store of the probes' short retrainings (the same directory; their recipe differs in ``max_batches``)."""
+    """The store of the probes' retrainings (the same directory; a short probe's recipe differs in ``max_batches``, a
+    full probe's is a candidate fit's)."""
     return candidate_fits(probe_config(config), dataset, out)
 
 
@@ -286,31 +289,34 @@ def evened(config: SearchExperimentConfig, visited: Visited) -> Visited:
 
 
 def probe_pool(config: SearchExperimentConfig, record: ConfigurationRecord, c: float) -> list[Visited]:
-    """The configurations ``probe_top`` retrains briefly to rank budget c's candidates, prepared for the budget they
-    come from (``probe_members``). Under ``candidates_from: loosest`` every budget shares the loosest budget's pool,
-    so its probes run once. Empty without ``probe_top``."""
+    """The configurations ``probe_top`` retrains to rank budget c's candidates (``probe_members``). Under
+    ``candidates_from: loosest`` every budget shares the loosest budget's pool, so its short probes run once (full
+    probes run per budget). Empty without ``probe_top``."""
     return [probed for _, probed in probe_members(config, record, c)]
 
 
 def probe_members(
     config: SearchExperimentConfig, record: ConfigurationRecord, c: float
 ) -> list[tuple[Visited, Visited]]:
-    """Budget c's probe pool as (visited, prepared for its source budget) pairs: each restart's best ``probe_top`` by
-    mean q, skipping any whose prepared sizes lie within ``probe_spread`` (``size_distance``) of one that restart
-    pooled before. Spacing 0 takes each restart's first ``probe_top``."""
+    """Budget c's probe pool as (visited, as probed) pairs: each restart's best ``probe_top`` by mean q, skipping any
+    whose sizes prepared for the source budget lie within ``probe_spread`` (``size_distance``) of one that restart
+    pooled before (spacing 0 takes each restart's first ``probe_top``). Short probes train those sizes; full probes
+    train the member prepared for c, the sizes budget c would retrain, so the pool is the same for every budget."""
     search = config.search
     if not search.probe_top:
         return []
     source = source_budget(config, c)
-    members: list[tuple[Visited, Visited]] = []
+    pooled: list[tuple[Visited, Visited]] = []  # (visited, prepared for the source budget)
     for visited in record.best[source]:  # by mean q, restarts interleaved
-        own = [probed for v, probed in members if v.restart == visited.restart]
+        own = [spaced for v, spaced in pooled if v.restart == visited.restart]
         if len(own) == search.probe_top:
             continue
-        probed = prepared(config, visited, source)
-        if all(size_distance(o.sizes, probed.sizes) >= search.probe_spread for o in own):
-            members.append((visited, probed))
-    return members
+        spaced = prepared(config, visited, source)
+        if all(size_distance(o.sizes, spaced.sizes) >= search.probe_spread for o in own):
+            pooled.append((visited, spaced))
+    if search.probe == "short":
+        return pooled
+    return [(visited, prepared(config, visited, c)) for visited, _ in pooled]
 
 
 def source_budget(config: SearchExperimentConfig, c: float) -> float:
@@ -319,8 +325,11 @@ def source_budget(config: SearchExperimentConfig, c: float) -> float:
 
 
 def probe_config(config: SearchExperimentConfig) -> SearchExperimentConfig:
-    """The probe's recipe: the full retraining's, stopped after ``probe_batches`` (its fits are stored apart, under
-    their own recipe)."""
+    """The probe's recipe. Short: the training recipe stopped after ``probe_batches`` (its fits are stored apart,
+    under their own recipe). Full: the candidates' fit at ``probe_l2``, so that fit's store already holds a probed
+    candidate's fit at that weight."""
+    if config.search.probe == "full":
+        return next(v for v in fit_configs(config) if v.train.l2 == config.search.probe_l2)
     train = dataclasses.replace(config.train, max_batches=config.search.probe_batches)
     return dataclasses.replace(config, train=train)
 
