@@ -174,7 +174,8 @@ def test_committed_configs_load():
 
 # fill_budget etc.: one process only
 SINGLE_PROCESS_ONLY = {"ml1m-search-scaled.yaml", "ml1m-search-tracked.yaml", "ml1m-search-even.yaml",
-                       "ml1m-search-even-spread.yaml", "ml1m-search-even-spread-top3.yaml"}
+                       "ml1m-search-even-spread.yaml", "ml1m-search-even-spread-top3.yaml",
+                       "ml1m-search-full-probe.yaml"}
 
 
 def test_cli_fetch_fails_cleanly_offline(tmp_path, capsys, monkeypatch):
