@@ -59,6 +59,7 @@ import torch  # noqa: E402
 from bench.ml1m_baselines import git_sha  # noqa: E402
 from ciess_prod.compress.ragged import FORMATS, RaggedEmbedding  # noqa: E402
 from ciess_prod.io import append_jsonl  # noqa: E402
+from ciess_prod.runtime import configure_cpu  # noqa: E402
 from ciess_prod.search.plan import DimensionPlan, budget_for  # noqa: E402
 
 log = logging.getLogger("compression_lookup")
@@ -221,6 +222,7 @@ def fmt_rate(x: float) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    configure_cpu()
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument(
         "--plan",

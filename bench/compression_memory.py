@@ -33,6 +33,7 @@ from ciess_prod.compress.artifact import load_artifact  # noqa: E402
 from ciess_prod.compress.compressor import compress  # noqa: E402
 from ciess_prod.experiment import load_trained_model  # noqa: E402
 from ciess_prod.io import append_jsonl  # noqa: E402
+from ciess_prod.runtime import configure_cpu  # noqa: E402
 from ciess_prod.search.plan import DimensionPlan  # noqa: E402
 from ciess_prod.train.protocol import split_metrics  # noqa: E402
 
@@ -87,6 +88,7 @@ def measure(plan_dir: Path, model_dir: Path, dtype: str, work: Path, base_dir: P
 
 
 def main(argv: list[str] | None = None) -> int:
+    configure_cpu()
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--search", type=Path, default=ROOT / "runs" / "ml1m-search", help="a finished search")
     parser.add_argument("--dtypes", nargs="+", default=["fp32", "fp16", "int8", "int4"])

@@ -29,6 +29,7 @@ from ciess_prod.cli import non_negative_float  # noqa: E402
 from ciess_prod.config import load_yaml, to_dict  # noqa: E402
 from ciess_prod.experiment import ExperimentConfig, SizeConfig, run_experiment  # noqa: E402
 from ciess_prod.io import append_jsonl  # noqa: E402
+from ciess_prod.runtime import configure_cpu  # noqa: E402
 from ciess_prod.train.protocol import RetrainConfig  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results" / "ml1m.jsonl"
@@ -85,6 +86,7 @@ def retrain_suffix(retrain: RetrainConfig) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    configure_cpu()
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", nargs="+", default=["lightgcn", "ngcf", "neumf"])
     parser.add_argument("--methods", nargs="+", default=["full", "es"], choices=["full", "es"])

@@ -55,6 +55,7 @@ from ciess_prod.config import load_yaml  # noqa: E402
 from ciess_prod.data import load_dataset  # noqa: E402
 from ciess_prod.io import append_jsonl  # noqa: E402
 from ciess_prod.models import SIDES, build_model  # noqa: E402
+from ciess_prod.runtime import configure_cpu  # noqa: E402
 from ciess_prod.search import DimensionPlan  # noqa: E402
 from ciess_prod.search.baselines import frequency_sizes, random_sizes  # noqa: E402
 from ciess_prod.search.config import SearchExperimentConfig  # noqa: E402
@@ -212,6 +213,7 @@ def take_steps(source: Path, dest: Path, total_steps: int) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    configure_cpu()
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", type=Path, default=ROOT / "configs" / "ml1m-search.yaml")
     parser.add_argument("--methods", nargs="+", default=["ciess", "mr", "freq", "ciess_no_walk"])

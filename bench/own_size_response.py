@@ -30,6 +30,7 @@ from ciess_prod.config import load_yaml  # noqa: E402
 from ciess_prod.experiment import load_dataset  # noqa: E402
 from ciess_prod.io import append_jsonl  # noqa: E402
 from ciess_prod.models import SIDES  # noqa: E402
+from ciess_prod.runtime import configure_cpu  # noqa: E402
 from ciess_prod.search.config import SearchExperimentConfig  # noqa: E402
 from ciess_prod.search.environment import SizeEnvironment  # noqa: E402
 from ciess_prod.search.search import train_reference  # noqa: E402
@@ -76,6 +77,7 @@ def measure(config: SearchExperimentConfig, draws: int, seed: int, base_dir: Pat
 
 
 def main(argv: list[str] | None = None) -> int:
+    configure_cpu()
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", type=Path, default=ROOT / "configs" / "ml1m-search.yaml")
     parser.add_argument("--protocol", choices=["warm", "paper"], required=True)

@@ -40,6 +40,7 @@ sys.path.insert(0, str(ROOT))
 
 from ciess_prod.eval.metrics import top_k_metrics  # noqa: E402  (torch only, like everything `run` needs)
 from ciess_prod.io import append_jsonl  # noqa: E402
+from ciess_prod.runtime import configure_cpu  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results" / "plan_families.jsonl"
 D_MAX = 128
@@ -399,6 +400,7 @@ _RUNNER: Runner | None = None
 
 def _worker_init(split_path: str, device: str, threads: int) -> None:
     global _RUNNER
+    configure_cpu()
     torch.set_num_threads(threads)
     _RUNNER = Runner(Split.load(Path(split_path)), torch.device(device))
 
@@ -432,6 +434,7 @@ def print_row(row: dict[str, Any]) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    configure_cpu()
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     export = sub.add_parser("export", help="write a config's split as an npz (needs the project's data stack)")

@@ -28,6 +28,7 @@ from ciess_prod.config import load_yaml  # noqa: E402
 from ciess_prod.data import BPRSampler, RecDataset, load_dataset  # noqa: E402
 from ciess_prod.io import append_jsonl  # noqa: E402
 from ciess_prod.models import build_model  # noqa: E402
+from ciess_prod.runtime import configure_cpu  # noqa: E402
 from ciess_prod.search.config import SearchExperimentConfig  # noqa: E402
 from ciess_prod.train.trainer import evaluate  # noqa: E402
 
@@ -68,6 +69,7 @@ def time_plan(config: SearchExperimentConfig, dataset: RecDataset, sizes: tuple[
 
 
 def main(argv: list[str] | None = None) -> int:
+    configure_cpu()
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", type=Path, default=ROOT / "configs" / "ml1m-search-tracked.yaml")
     parser.add_argument("--batches", type=int, default=30, help="timed training batches per plan")

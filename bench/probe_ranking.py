@@ -31,6 +31,7 @@ from ciess_prod.config import load_yaml  # noqa: E402
 from ciess_prod.data import RecDataset  # noqa: E402
 from ciess_prod.experiment import load_dataset  # noqa: E402
 from ciess_prod.io import append_jsonl  # noqa: E402
+from ciess_prod.runtime import configure_cpu  # noqa: E402
 from ciess_prod.search.candidates import CandidateFit, CandidateFits  # noqa: E402
 from ciess_prod.search.config import SearchExperimentConfig  # noqa: E402
 from ciess_prod.search.record import ConfigurationRecord, Visited  # noqa: E402
@@ -71,6 +72,7 @@ def fitted(config: SearchExperimentConfig, dataset: RecDataset, store: Candidate
 
 
 def main(argv: list[str] | None = None) -> int:
+    configure_cpu()
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("run_dir", type=Path, help="a search's output_dir, holding its finished search_state.pt")
     parser.add_argument("--config", type=Path, required=True, help="the search's config")

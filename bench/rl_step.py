@@ -50,6 +50,7 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 
 from ciess_prod.io import append_jsonl  # noqa: E402
+from ciess_prod.runtime import configure_cpu  # noqa: E402
 from ciess_prod.search.agent import STATE_DIM, TD3Agent, TD3Config  # noqa: E402
 from ciess_prod.search.buffer import ReplayBuffer  # noqa: E402
 from ciess_prod.search.exploration import ExplorationConfig, Explorer  # noqa: E402
@@ -134,6 +135,7 @@ def single(n: int, warmup_rows: int, threads: int | None) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
+    configure_cpu()
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rows", nargs="+", type=int, default=[10**4, 10**5, 10**6, 10**7])
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")

@@ -32,6 +32,7 @@ from ciess_prod.config import load_yaml  # noqa: E402
 from ciess_prod.experiment import load_dataset  # noqa: E402
 from ciess_prod.io import append_jsonl  # noqa: E402
 from ciess_prod.models import SIDES  # noqa: E402
+from ciess_prod.runtime import configure_cpu  # noqa: E402
 from ciess_prod.search.agent import STATE_DIM, TD3Agent  # noqa: E402
 from ciess_prod.search.config import SearchExperimentConfig  # noqa: E402
 from ciess_prod.search.plan import MANIFEST_NAME, DimensionPlan  # noqa: E402
@@ -159,6 +160,7 @@ def diagnose(run: Path, config: SearchExperimentConfig, popularity: dict[str, to
 
 
 def main(argv: list[str] | None = None) -> int:
+    configure_cpu()
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("runs", type=Path, nargs="+", help="search output directories")
     parser.add_argument("--config", type=Path, default=ROOT / "configs" / "ml1m-search.yaml")

@@ -24,6 +24,7 @@ from ciess_prod.config import load_yaml  # noqa: E402
 from ciess_prod.data import load_dataset  # noqa: E402
 from ciess_prod.io import append_jsonl  # noqa: E402
 from ciess_prod.models.graph import normalized_adjacency, torch_csr  # noqa: E402
+from ciess_prod.runtime import configure_cpu  # noqa: E402
 from ciess_prod.search.config import SearchExperimentConfig  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results" / "sparse_product.jsonl"
@@ -38,6 +39,7 @@ def milliseconds(product, repeats: int) -> float:
 
 
 def main(argv: list[str] | None = None) -> int:
+    configure_cpu()
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", type=Path, default=ROOT / "configs" / "ml1m-search-tracked.yaml")
     parser.add_argument("--repeats", type=int, default=20)

@@ -177,8 +177,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     from ciess_prod.compress.artifact import ArtifactError
     from ciess_prod.data import DataError
+    from ciess_prod.runtime import configure_cpu
     from ciess_prod.search.plan import PlanError
     from ciess_prod.train.checkpoint import CheckpointError
+
+    configure_cpu()  # before any tensor work, so that torch's threads inherit it
 
     try:
         return args.func(args)

@@ -31,6 +31,7 @@ from ciess_prod.distributed.environment import process_device  # noqa: E402
 from ciess_prod.distributed.process import exit_skipping_finalisation  # noqa: E402
 from ciess_prod.distributed.recommender import RecEnvironment, ShardedSearchExperimentConfig  # noqa: E402
 from ciess_prod.distributed.search import run_sharded_search  # noqa: E402
+from ciess_prod.runtime import configure_cpu  # noqa: E402
 from ciess_prod.search.config import SearchExperimentConfig, resumable_settings  # noqa: E402
 from ciess_prod.search.search import run_search  # noqa: E402
 
@@ -61,6 +62,7 @@ def _free_port() -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    configure_cpu()
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", required=True)
     parser.add_argument("--resume", action="store_true", help="continue from the last completed step")

@@ -20,6 +20,7 @@ from ciess_prod.config import ConfigError, from_dict, to_dict
 from ciess_prod.data import RecDataset
 from ciess_prod.experiment import load_dataset
 from ciess_prod.models import SIDES, Recommender, build_model, sparsity
+from ciess_prod.runtime import configure_cpu
 from ciess_prod.search.candidates import CandidateFit, CandidateFits, fit_key
 from ciess_prod.search.config import SearchExperimentConfig
 from ciess_prod.search.plan import (
@@ -51,6 +52,7 @@ def retrain_budget(
 
 
 def _worker_logging(threads: int, log_level: int, label: str) -> None:
+    configure_cpu()
     torch.set_num_threads(threads)
     # force: an import may already have given the fresh process's root logger a handler, which would mute this one
     logging.basicConfig(level=log_level, format=f"%(asctime)s %(levelname)s [{label}] %(message)s", force=True)
