@@ -1,9 +1,9 @@
 """Prints the results files as markdown tables (for docs/benchmarks.md): ML-1M quality with ratios to the paper,
 the RL step timings, the compressed tables' memory and lookup speed, the sharded search's scaling, a row's
-quality by its own size, and hand-made size plans (bench/plan_families.py).
+quality by its own size, hand-made size plans (bench/plan_families.py) and what denormal floats cost a fit.
 
     python bench/summarize.py ml1m | ml1m-compare | rl | memory | lookup | scaling | own-size | plan-families
-        | plan-curves
+        | plan-curves | denormals
     python bench/summarize.py --update-docs
 """
 
@@ -281,6 +281,17 @@ def plan_curves_table() -> None:
               f"{gain if max(curve) >= 4000 else '-'} | {vs_es} | {r['device']} | {short_sha(r['git'])} |")
 
 
+def denormals_table() -> None:
+    """bench/denormals.py: a fit's seconds per chunk with denormals kept and flushed."""
+    print("| plan | L2 | denormals | batches | seconds per chunk | total s | x flush | threads | load avg | git |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for r in read("denormals.jsonl"):
+        print(f"| {r['plan']} c={r['target_sparsity']} | {r['l2']:g} | {r['denormals']} | {r['batches']} "
+              f"({r['chunk']} a chunk) | {' '.join(f'{s:.1f}' for s in r['chunk_seconds'])} | "
+              f"{r['total_seconds']:.1f} | {r['vs_flush']:.2f} | {r['threads']} | {r['load_avg_1m']:.1f} | "
+              f"{r['git_sha'][:7]} |")
+
+
 TABLES = {
     "ml1m": ml1m_table,
     "ml1m-compare": ml1m_compare_table,
@@ -292,6 +303,7 @@ TABLES = {
     "plan-width": plan_width_table,
     "plan-families": plan_families_table,
     "plan-curves": plan_curves_table,
+    "denormals": denormals_table,
 }
 
 
