@@ -36,14 +36,13 @@ def time_fit(config_path: Path, sparsity: float, l2: float, batches: int, chunk:
     """Seconds of each ``chunk`` batches of a fit of the frequency plan at ``sparsity`` (this process's setting)
     and torch's thread count."""
     import torch
-    from torch.nn import functional as F
 
     from ciess_prod.config import load_yaml
     from ciess_prod.data import BPRSampler, load_dataset
     from ciess_prod.models import SIDES, build_model
     from ciess_prod.search.baselines import frequency_sizes
     from ciess_prod.search.config import SearchExperimentConfig
-    from ciess_prod.train.trainer import learning_rate
+    from ciess_prod.train.trainer import train_step
 
     config = load_yaml(SearchExperimentConfig, config_path)
     recipe = dataclasses.replace(config.train, l2=l2)
@@ -59,13 +58,7 @@ def time_fit(config_path: Path, sparsity: float, l2: float, batches: int, chunk:
     model.train()
     seconds, start = [], time.perf_counter()
     for step in range(batches):
-        for group in optimizer.param_groups:
-            group["lr"] = learning_rate(recipe, step)
-        out = model(sampler.next_batch())
-        loss = F.softplus(out.neg_scores - out.pos_scores).mean() + recipe.l2 * out.l2
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+        train_step(model, sampler.next_batch(), optimizer, recipe, step)
         if (step + 1) % chunk == 0 or step + 1 == batches:
             seconds.append(time.perf_counter() - start)
             start = time.perf_counter()
@@ -111,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
         append_jsonl(args.results, {
             "config": args.config.name, "plan": "freq", "target_sparsity": args.sparsity, "l2": args.l2,
             "denormals": mode, "batches": args.batches, "chunk": args.chunk,
-            "chunk_seconds": [round(s, 2) for s in chunks], "total_seconds": round(sum(chunks), 2),
+            "chunk_seconds": [round(s, 4) for s in chunks], "total_seconds": round(sum(chunks), 3),
             "vs_flush": round(ratio, 3), "threads": fits[mode]["threads"],
             "load_avg_1m": round(os.getloadavg()[0], 2), "git_sha": sha,
         })

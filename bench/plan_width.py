@@ -18,7 +18,6 @@ import time
 from pathlib import Path
 
 import torch
-from torch.nn import functional as F
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -30,7 +29,7 @@ from ciess_prod.io import append_jsonl  # noqa: E402
 from ciess_prod.models import build_model  # noqa: E402
 from ciess_prod.runtime import configure_cpu  # noqa: E402
 from ciess_prod.search.config import SearchExperimentConfig  # noqa: E402
-from ciess_prod.train.trainer import evaluate  # noqa: E402
+from ciess_prod.train.trainer import evaluate, train_step  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results" / "plan_width.jsonl"
 
@@ -56,11 +55,7 @@ def time_plan(config: SearchExperimentConfig, dataset: RecDataset, sizes: tuple[
     seconds = []
     for step in range(batches + 2):  # the first two warm up
         start = time.perf_counter()
-        out = model(sampler.next_batch())
-        loss = F.softplus(out.neg_scores - out.pos_scores).mean() + config.train.l2 * out.l2
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+        train_step(model, sampler.next_batch(), optimizer, config.train, step=0)  # the recipe's first lr
         if step >= 2:
             seconds.append(time.perf_counter() - start)
     start = time.perf_counter()

@@ -15,6 +15,7 @@ from typing import Literal
 
 import torch
 from torch.nn import functional as F
+from torchrec import KeyedJaggedTensor
 from tqdm.auto import tqdm
 
 from ciess_prod.data import BPRSampler, RecDataset
@@ -87,6 +88,20 @@ def learning_rate(config: TrainConfig, batch: int) -> float:
     return max(config.lr * config.lr_decay ** (batch // config.lr_decay_every), config.lr_floor)
 
 
+def train_step(
+    model: Recommender, batch: KeyedJaggedTensor, optimizer: torch.optim.Optimizer, config: TrainConfig, step: int
+) -> torch.Tensor:
+    """One BPR + L2 update at batch ``step``'s learning rate; returns the loss (a scalar tensor)."""
+    for group in optimizer.param_groups:
+        group["lr"] = learning_rate(config, step)
+    out = model(batch)
+    loss = F.softplus(out.neg_scores - out.pos_scores).mean() + config.l2 * out.l2
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    return loss
+
+
 def fit(
     model: Recommender, dataset: RecDataset, config: TrainConfig, n_batches: int | None = None
 ) -> FitResult:
@@ -107,13 +122,7 @@ def fit(
     model.train()
     bar = tqdm(range(total), desc=f"train {model.config.kind}", disable=not config.progress, leave=False)
     for step in bar:
-        for group in optimizer.param_groups:
-            group["lr"] = learning_rate(config, step)
-        out = model(sampler.next_batch())
-        loss = F.softplus(out.neg_scores - out.pos_scores).mean() + config.l2 * out.l2
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+        loss = train_step(model, sampler.next_batch(), optimizer, config, step)
         done = step + 1
         if early_stop and (done % config.eval_every == 0 or done == total):
             val = evaluate(model, dataset, "val", chunk_size=config.eval_chunk).mean()
