@@ -1,6 +1,6 @@
 """What denormal floats cost a fit, and what flushing them (ciess_prod/runtime.py) gives back.
 
-Trains one plan (frequency sizes at a budget: the plan whose retraining slowed 5x mid-fit on MovieLens-1M) the way
+Trains one plan (frequency sizes at a budget: the plan whose retraining slowed 4x mid-fit on MovieLens-1M) the way
 the final protocol's fits do (the config's recipe at ``--l2``), once keeping denormals and once flushing them, each
 in a fresh process: the setting is process-wide and reaches torch's threads only when set before they exist. Both
 fits draw the same batches; the seconds of every chunk of ``--chunk`` batches say when the slowdown starts.
@@ -86,11 +86,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--child", choices=MODES, help=argparse.SUPPRESS)  # one mode's fit, in this process
     args = parser.parse_args(argv)
     if args.child is not None:
+        flushed = False
         if args.child == "flush":
             from ciess_prod.runtime import configure_cpu
 
-            configure_cpu()
-        print(json.dumps(time_fit(args.config, args.sparsity, args.l2, args.batches, args.chunk)))
+            flushed = configure_cpu()  # False where the CPU cannot flush: the row says so
+        fit = time_fit(args.config, args.sparsity, args.l2, args.batches, args.chunk)
+        print(json.dumps({**fit, "flushed": flushed}))
         return 0
 
     sha = git_sha()
@@ -105,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
             "config": args.config.name, "plan": "freq", "target_sparsity": args.sparsity, "l2": args.l2,
             "denormals": mode, "batches": args.batches, "chunk": args.chunk,
             "chunk_seconds": [round(s, 4) for s in chunks], "total_seconds": round(sum(chunks), 3),
-            "vs_flush": round(ratio, 3), "threads": fits[mode]["threads"],
+            "vs_flush": round(ratio, 3), "flushed": fits[mode]["flushed"], "threads": fits[mode]["threads"],
             "load_avg_1m": round(os.getloadavg()[0], 2), "git_sha": sha,
         })
         print(f"| {mode} | {sum(chunks):.1f} | {chunks[0]:.1f} | {max(chunks):.1f} | {ratio:.2f} |")

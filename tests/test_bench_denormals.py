@@ -22,6 +22,7 @@ def test_one_row_per_mode_with_every_chunk_timed(tmp_path):
     assert main(["--config", str(config), "--batches", "25", "--chunk", "10", "--results", str(results)]) == 0
     rows = [json.loads(line) for line in results.read_text().splitlines()]
     assert [r["denormals"] for r in rows] == ["keep", "flush"]
+    assert [r["flushed"] for r in rows] == [False, True]  # the flush child really flushed
     for r in rows:
         assert len(r["chunk_seconds"]) == 3 and all(s > 0 for s in r["chunk_seconds"])  # 10 + 10 + 5 batches
         assert r["plan"] == "freq" and r["target_sparsity"] == 0.8 and r["batches"] == 25 and r["threads"] >= 1
